@@ -1,0 +1,140 @@
+"""`python train.py ...` and `clipfromscratch train ...`: flags and YAML -> data, model, Trainer -> a trained, exported run."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import replace
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+from clipfromscratch.config import TrainConfig, load_config, save_config
+from clipfromscratch.data.datamodule import CaptionDataModule
+from clipfromscratch.errors import UsageError
+from clipfromscratch.export import export_model, rebuild_model
+from clipfromscratch.lit_module import MONITOR, CLIPModule
+from clipfromscratch.model import build_model, resolve_image_size
+from clipfromscratch.tokenizers import make_tokenizer, tokenizer_from_files
+
+LAST_CKPT = "last.ckpt"
+
+
+def _resume_checkpoint(resume: str) -> str:
+    path = os.path.join(resume, LAST_CKPT) if os.path.isdir(resume) else resume
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint to resume from: {path}")
+    return path
+
+
+def _logger(config: TrainConfig, output_dir: str) -> Logger:
+    if config.logger == "tensorboard":
+        return TensorBoardLogger(output_dir, name="logs")
+    if config.logger == "wandb":
+        # without credentials, log offline rather than wait on a login prompt or the network
+        online = bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") != "offline"
+        return WandbLogger(name=os.path.basename(output_dir), save_dir=output_dir, offline=not online)
+    return CSVLogger(output_dir, name="logs")
+
+
+def _devices(devices: str) -> str | int | list[int]:
+    if devices == "auto":
+        return devices
+    try:
+        return [int(d) for d in devices.split(",") if d] if "," in devices else int(devices)
+    except ValueError:
+        raise UsageError(f"devices is '{devices}': give a number, a list like 0,1, or auto") from None
+
+
+def _check(config: TrainConfig, has_val: bool) -> None:
+    if not has_val and (config.lr_schedule == "plateau" or config.early_stopping_patience is not None):
+        raise UsageError("lr_schedule plateau and early stopping watch validation recall: give --val-data")
+    if config.max_steps == -1 and config.max_epochs is None:
+        raise UsageError("set --max-steps or --max-epochs, or training never ends")
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Train, validate, write metrics.json and the export; returns the final validation metrics."""
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    checkpoint = None
+    if config.resume:
+        ckpt_path = _resume_checkpoint(config.resume)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        output_dir = config.output_dir or os.path.dirname(ckpt_path)
+    else:
+        ckpt_path = None
+        run_name = config.run_name or f"{config.image_encoder}-{config.text_encoder}-{time.strftime('%Y%m%d-%H%M%S')}"
+        output_dir = config.output_dir or os.path.join("checkpoints", os.path.basename(run_name))
+    config = resolve_image_size(replace(config, output_dir=output_dir))
+    val_data = config.val_data or ("synthetic" if config.train_data == "synthetic" else None)
+    _check(config, val_data is not None)
+
+    data = CaptionDataModule(
+        config.train_data, val_data, config.batch_size, config.num_workers, config.seed, config.image_size,
+        config.synthetic_train_samples, config.synthetic_val_samples,
+        config.csv_img_key, config.csv_caption_key, config.csv_separator)
+    if checkpoint is not None:
+        model = rebuild_model(checkpoint["clip_model_config"], tokenizer_from_files(checkpoint["clip_tokenizer_files"]),
+                              checkpoint["clip_text_config"])
+    else:
+        tokenizer = make_tokenizer(config.text_encoder, config.pretrained_text, config.model_size,
+                                   data.train_captions())
+        model = build_model(config.model_config(), tokenizer)
+    data.bind(model)
+    module = CLIPModule(model, config.lr, config.weight_decay, config.warmup_steps, config.lr_schedule,
+                        config.plateau_patience, config.plateau_factor, data.zeroshot_tasks)
+
+    os.makedirs(output_dir, exist_ok=True)
+    save_config(config, os.path.join(output_dir, "config.yaml"))
+    callbacks = [
+        ModelCheckpoint(dirpath=output_dir, filename="best-{step}", monitor=MONITOR if val_data else None,
+                        mode="max", save_last=True, save_top_k=1 if val_data else 0),
+        LearningRateMonitor(logging_interval="step"),
+        ThroughputMonitor(batch_size_fn=lambda batch: 0 if batch is None else batch["pixels"].size(0)),
+    ]
+    if config.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=config.early_stopping_patience))
+    trainer = pl.Trainer(
+        accelerator=config.accelerator, devices=_devices(config.devices), strategy=config.strategy,
+        num_nodes=config.num_nodes, precision=config.precision, max_steps=config.max_steps,
+        max_epochs=config.max_epochs, gradient_clip_val=config.gradient_clip_val,
+        accumulate_grad_batches=config.accumulate_grad_batches, val_check_interval=config.val_every_n_steps,
+        check_val_every_n_epoch=None, log_every_n_steps=config.log_every_n_steps, callbacks=callbacks,
+        logger=_logger(config, output_dir), default_root_dir=output_dir, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    metrics: dict[str, float] = {}
+    if val_data:
+        results = trainer.validate(module, datamodule=data, verbose=False)[0]
+        metrics = {k.removeprefix("val/"): round(v, 4) for k, v in results.items() if k != MONITOR}
+    if trainer.is_global_zero:
+        with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": trainer.global_step, **metrics}, f, indent=2)
+        export_model(model, os.path.join(output_dir, "final"))
+        print(f"\nrun: {output_dir}  steps: {trainer.global_step}")
+        for name, value in metrics.items():
+            print(f"  {name:32s} {value:.4f}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # `clipfromscratch train ...` and `python train.py ...` are the same command
+        argv = argv[1:]
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    try:
+        train(load_config(argv))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"error: {err}: lower --lr or set --gradient-clip-val", file=sys.stderr)
+        return 1
+    return 0

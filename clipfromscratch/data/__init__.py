@@ -1,0 +1,1 @@
+"""Image-caption data: the synthetic default, caption tables, webdataset shards, and the DataModule."""

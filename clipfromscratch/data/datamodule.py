@@ -1,0 +1,119 @@
+"""One LightningDataModule for every caption source: the source is picked by its spec, batching is shared.
+
+SPEC: `synthetic`, a caption table (`.tsv`, `.csv`), or webdataset shards (a `.tar`, a directory of them,
+or a brace pattern). Tokenisation happens in the loader workers, in `Collate`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from transformers import PreTrainedTokenizerFast
+
+from clipfromscratch.data.shards import CaptionShards
+from clipfromscratch.data.synthetic import SyntheticCaptions
+from clipfromscratch.data.transforms import image_transform
+from clipfromscratch.data.tsv import CaptionTable
+from clipfromscratch.tokenizers import tokenize
+
+log = logging.getLogger(__name__)
+TABLE_SUFFIXES = (".tsv", ".csv")
+
+
+def open_source(spec: str, split: str, *, seed: int, synthetic_samples: int, image_size: int,
+                csv_img_key: str, csv_caption_key: str, csv_separator: str) -> Dataset:
+    """The dataset a SPEC names, without an image transform yet."""
+    if spec == "synthetic":
+        return SyntheticCaptions(split, synthetic_samples, seed, image_size)
+    if spec.lower().endswith(TABLE_SUFFIXES):
+        return CaptionTable(spec, None, csv_img_key, csv_caption_key, csv_separator)
+    return CaptionShards(spec, None, shuffle=split == "train", seed=seed)
+
+
+class _Indexed(Dataset):
+    """Tags each sample with its position, so validation can drop the duplicates a distributed sampler pads with."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.dataset[index]
+        return None if sample is None else {**sample, "index": index}
+
+
+class Collate:
+    """Samples -> a batch dict; unreadable samples (None) are dropped, captions tokenised here in the worker."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, samples: list[dict | None]) -> dict | None:
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return None
+        batch = {
+            "pixels": torch.stack([s["pixels"] for s in samples]),
+            "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+            "index": torch.tensor([s.get("index", -1) for s in samples], dtype=torch.long),
+            **tokenize(self.tokenizer, [s["caption"] for s in samples], self.context_length),
+        }
+        if "labels" in samples[0]:
+            batch["labels"] = {k: torch.tensor([s["labels"][k] for s in samples]) for k in samples[0]["labels"]}
+        return batch
+
+
+class CaptionDataModule(pl.LightningDataModule):
+    def __init__(self, train_data: str, val_data: str | None, batch_size: int, num_workers: int, seed: int,
+                 image_size: int, synthetic_train_samples: int, synthetic_val_samples: int,
+                 csv_img_key: str, csv_caption_key: str, csv_separator: str):
+        super().__init__()
+        common = dict(seed=seed, image_size=image_size, csv_img_key=csv_img_key, csv_caption_key=csv_caption_key,
+                      csv_separator=csv_separator)
+        self.train_set = open_source(train_data, "train", synthetic_samples=synthetic_train_samples, **common)
+        self.val_set = None if val_data is None else open_source(
+            val_data, "val", synthetic_samples=synthetic_val_samples, **common)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.collate: Collate | None = None
+
+    def train_captions(self) -> Iterator[str]:
+        """Captions to train a tokenizer on."""
+        return self.train_set.captions()
+
+    @property
+    def zeroshot_tasks(self) -> dict:
+        """{task: (class names, prompt templates)} the validation set offers, e.g. colour and shape."""
+        return getattr(self.val_set, "zeroshot_tasks", {})
+
+    def bind(self, model) -> None:
+        """Preprocess images and tokenise captions the way `model` expects."""
+        tower = model.image_tower
+        self.train_set.transform = image_transform(tower.image_size, tower.mean, tower.std, train=True)
+        if self.val_set is not None:
+            self.val_set.transform = model.preprocess
+        self.collate = Collate(model.tokenizer, model.config.context_length)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        iterable = isinstance(dataset, IterableDataset)
+        return DataLoader(
+            dataset if iterable else _Indexed(dataset),
+            batch_size=self.batch_size,
+            shuffle=train and not iterable,
+            drop_last=train,  # a last tiny batch has too few negatives to be a useful contrastive step
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)

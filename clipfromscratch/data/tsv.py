@@ -1,0 +1,88 @@
+"""Caption tables: a .tsv/.csv file with a header row, one image path and one caption per row."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from clipfromscratch.errors import UsageError
+
+log = logging.getLogger(__name__)
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
+
+
+class CaptionTable(torch.utils.data.Dataset):
+    """Image-caption pairs listed in a table; relative image paths are relative to the table's folder."""
+
+    def __init__(self, path: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor] | None,
+                 img_key: str = "filepath", caption_key: str = "caption", separator: str = "\t"):
+        self.transform = transform
+        self.skipped_rows = 0
+        self.unreadable_images = 0
+        self.rows: list[tuple[int, str]] = []  # (image_id, caption)
+
+        table = Path(path)
+        if not table.is_file():
+            raise UsageError(f"caption table not found: {table}")
+        if len(separator) != 1:
+            raise UsageError(f"csv separator must be a single character, got {separator!r}")
+        image_ids: dict[str, int] = {}
+        try:
+            with open(table, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f, delimiter=separator)
+                header = [name.strip() for name in next(reader, [])]
+                if not header:
+                    raise UsageError(f"caption table is empty: {table}")
+                image_col = _column(header, img_key, table)
+                caption_col = _column(header, caption_key, table)
+                for row in reader:
+                    if not row:  # blank line
+                        continue
+                    fields = [field.strip() for field in row]
+                    if len(fields) != len(header) or not fields[image_col] or not fields[caption_col]:
+                        self.skipped_rows += 1
+                        continue
+                    resolved = os.path.normpath(os.path.join(table.parent, fields[image_col]))
+                    image_id = image_ids.setdefault(resolved, len(image_ids))
+                    self.rows.append((image_id, fields[caption_col]))
+        except (UnicodeDecodeError, csv.Error) as exn:
+            raise UsageError(f"cannot read caption table {table}: {exn}") from None
+        self.image_paths = list(image_ids)  # unique resolved paths, indexed by image_id
+
+        if self.skipped_rows:
+            log.warning("%s: skipped %d malformed rows (wrong number of fields, or empty path or caption)",
+                        table, self.skipped_rows)
+        if not self.rows:
+            raise UsageError(f"caption table has no usable rows: {table}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        image_id, caption = self.rows[index]
+        path = self.image_paths[image_id]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except UNREADABLE as exn:
+            self.unreadable_images += 1
+            log.warning("unreadable image %s: %s", path, exn)
+            return None
+        return {"pixels": self.transform(rgb) if self.transform else rgb, "caption": caption, "image_id": image_id}
+
+    def captions(self) -> Iterator[str]:
+        """Every caption in table order (no images are read)."""
+        for _, caption in self.rows:
+            yield caption
+
+
+def _column(header: list[str], key: str, table: Path) -> int:
+    if key not in header:
+        hint = " (wrong separator?)" if len(header) == 1 else ""
+        raise UsageError(f"column {key!r} not in caption table {table}{hint}; columns: {', '.join(header)}")
+    return header.index(key)

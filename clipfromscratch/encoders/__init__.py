@@ -1,0 +1,1 @@
+"""Image towers (timm) and text towers (transformers), looked up by name."""

@@ -1,0 +1,111 @@
+"""Image towers built with timm: a registered family (resnet, vit, xception) or any timm model name.
+
+Every tower returns pooled features (B, num_features): timm models built with num_classes=0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from clipfromscratch.encoders.registry import Registry, check_size
+from clipfromscratch.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ImagePreset:
+    timm_name: str
+    image_size: int
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    presets: dict[str, ImagePreset]
+    # ViTs bake the input size into their position embeddings; CNNs take any size
+    takes_img_size: bool
+
+
+IMAGE_ENCODERS: Registry[ImageFamily] = Registry("image encoder", "any timm model name (e.g. convnext_tiny)")
+IMAGE_ENCODERS.register("resnet", ImageFamily(
+    presets={
+        "tiny": ImagePreset("resnet50", 64, dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32)),
+        "base": ImagePreset("resnet50", 224),
+    },
+    takes_img_size=False,
+))
+IMAGE_ENCODERS.register("vit", ImageFamily(
+    presets={
+        "tiny": ImagePreset("vit_base_patch16_224", 64, dict(patch_size=8, embed_dim=192, depth=4, num_heads=3)),
+        "base": ImagePreset("vit_base_patch16_224", 224),
+    },
+    takes_img_size=True,
+))
+IMAGE_ENCODERS.register("xception", ImageFamily(
+    presets={
+        # timm's aligned Xception needs two or more blocks (one block divides by zero in its drop-path schedule)
+        "tiny": ImagePreset("xception41", 64, dict(block_cfg=[
+            dict(in_chs=64, out_chs=96, stride=2),
+            dict(in_chs=96, out_chs=192, stride=2),
+            dict(in_chs=192, out_chs=(192, 256, 256), stride=2),
+        ])),
+        # timm 1.0 has no plain `xception`: legacy_xception is Chollet's original architecture
+        "base": ImagePreset("legacy_xception", 299),
+    },
+    takes_img_size=False,
+))
+
+
+class ImageTower(nn.Module):
+    """A timm backbone with its classifier removed: (B, 3, H, W) -> (B, num_features)."""
+
+    def __init__(self, backbone: nn.Module, image_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features: int = backbone.num_features
+        self.image_size = image_size
+        cfg = backbone.pretrained_cfg
+        self.mean: tuple[float, ...] = tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
+        self.std: tuple[float, ...] = tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixels)
+
+
+def default_image_size(name: str, size: str) -> int:
+    """The input resolution a family's preset is built for (any other timm model: its pretrained config's)."""
+    family = IMAGE_ENCODERS.get(name)
+    if family is not None:
+        return family.presets[check_size(size)].image_size
+    if not timm.is_model(name):
+        raise IMAGE_ENCODERS.unknown(name)
+    return timm.get_pretrained_cfg(name).input_size[-1]
+
+
+def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, overrides: dict) -> ImageTower:
+    """Build the tower `name` at `size`; `overrides` are timm constructor arguments that win over the preset."""
+    family = IMAGE_ENCODERS.get(name)
+    if family is not None:
+        preset = family.presets[check_size(size)]
+        timm_name, kwargs = preset.timm_name, dict(preset.kwargs)
+        if family.takes_img_size:
+            kwargs["img_size"] = image_size
+    elif timm.is_model(name):
+        timm_name, kwargs = name, {}
+    else:
+        raise IMAGE_ENCODERS.unknown(name)
+    kwargs.update(overrides)
+    try:
+        backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as err:
+        raise UsageError(f"bad image tower override for timm model '{timm_name}': {err}") from None
+    except (OSError, RuntimeError) as err:
+        if not pretrained:
+            raise
+        raise UsageError(
+            f"cannot load pretrained weights for timm model '{timm_name}' (offline or not published?): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    return ImageTower(backbone, image_size)

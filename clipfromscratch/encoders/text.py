@@ -1,0 +1,132 @@
+"""Text towers built with transformers: a registered family (bert, gpt2) or any Hugging Face name or local path.
+
+Every tower maps (B, L) token ids and attention mask -> (B, num_features) by a pooling rule:
+`cls` (first token), `mean` (over real tokens) or `last` (last real token, for causal models).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from clipfromscratch.encoders.registry import Registry, check_size
+from clipfromscratch.errors import UsageError
+
+POOLINGS = ("cls", "mean", "last")
+
+
+@dataclass(frozen=True)
+class TextFamily:
+    hub_name: str  # where `pretrained: true` loads weights and tokenizer from
+    model_type: str  # transformers config type for from-scratch builds
+    presets: dict[str, dict]  # size -> config fields over the model type's defaults
+    pooling: str
+    tokenizer_kind: str  # what `tokenizers.train_tokenizer` trains when not pretrained
+    model_kwargs: dict = field(default_factory=dict)
+
+
+TEXT_ENCODERS: Registry[TextFamily] = Registry(
+    "text encoder", "any Hugging Face model name or local model directory (e.g. distilroberta-base)"
+)
+TEXT_ENCODERS.register("bert", TextFamily(
+    hub_name="bert-base-uncased",
+    model_type="bert",
+    presets={
+        "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                     max_position_embeddings=128, vocab_size=8192),
+        "base": {},  # BertConfig defaults are bert-base-uncased
+    },
+    pooling="cls",
+    tokenizer_kind="wordpiece",
+    # we pool [CLS] ourselves: an unused pooler makes DDP abort on parameters without gradients
+    model_kwargs=dict(add_pooling_layer=False),
+))
+TEXT_ENCODERS.register("gpt2", TextFamily(
+    hub_name="gpt2",
+    model_type="gpt2",
+    presets={
+        "tiny": dict(n_embd=128, n_layer=2, n_head=2, n_positions=128, vocab_size=8192),
+        "base": {},  # GPT2Config defaults are GPT-2 small
+    },
+    # causal attention: only the last real token has seen the whole caption
+    pooling="last",
+    tokenizer_kind="bpe",
+))
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, L, H) hidden states, (B, L) right-padded mask -> (B, H)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    last = attention_mask.sum(1).clamp(min=1) - 1  # index of the last real token, padding is on the right
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+
+class TextTower(nn.Module):
+    """A transformers backbone plus a pooling rule: (B, L) ids, mask -> (B, num_features)."""
+
+    def __init__(self, backbone: nn.Module, pooling: str):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise UsageError(f"unknown text pooling '{pooling}': choose one of {', '.join(POOLINGS)}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.num_features: int = backbone.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+
+def text_family(name: str) -> TextFamily | None:
+    """The registered family of `name`, None for a Hugging Face name or path; unknown local-looking paths fail."""
+    family = TEXT_ENCODERS.get(name)
+    if family is None and (name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name))):
+        raise UsageError(f"text encoder directory not found: {name}")
+    return family
+
+
+def pretrained_source(name: str) -> str:
+    """Hub name or local path that pretrained weights and tokenizer come from."""
+    family = text_family(name)
+    return family.hub_name if family is not None else os.path.expanduser(name)
+
+
+def _hub_error(what: str, source: str, err: Exception) -> UsageError:
+    return UsageError(
+        f"cannot load {what} '{source}' (offline, or not a Hugging Face model?): {str(err).splitlines()[0]}"
+    )
+
+
+def text_config(name: str, size: str, overrides: dict, vocab_size: int, special_ids: dict) -> PretrainedConfig:
+    """The architecture to build from scratch, with the vocabulary of the tokenizer it is trained with."""
+    family = text_family(name)
+    fields = dict(overrides, vocab_size=vocab_size, **special_ids)
+    if family is not None:
+        return AutoConfig.for_model(family.model_type, **{**family.presets[check_size(size)], **fields})
+    try:
+        return AutoConfig.from_pretrained(pretrained_source(name), **fields)
+    except (OSError, ValueError) as err:
+        raise _hub_error("the config of", name, err) from None
+
+
+def build_text_tower(name: str, pooling: str | None, pretrained: bool, config: PretrainedConfig | None) -> TextTower:
+    """Published weights of `name` when pretrained, else random weights for `config` (from `text_config`)."""
+    family = text_family(name)
+    model_kwargs = family.model_kwargs if family is not None else {}
+    pooling = pooling or (family.pooling if family is not None else "mean")
+    if pretrained:
+        source = pretrained_source(name)
+        try:
+            backbone = AutoModel.from_pretrained(source, **model_kwargs)
+        except (OSError, ValueError) as err:
+            raise _hub_error("pretrained text tower", source, err) from None
+    else:
+        backbone = AutoModel.from_config(config, **model_kwargs)
+    return TextTower(backbone, pooling)

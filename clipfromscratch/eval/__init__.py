@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recall and zero-shot classification."""

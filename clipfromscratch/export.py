@@ -1,0 +1,48 @@
+"""A self-contained export (safetensors weights, JSON config, tokenizer files) and `load_model`, no Lightning needed."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+from transformers import AutoConfig
+
+from clipfromscratch.config import ModelConfig
+from clipfromscratch.errors import UsageError
+from clipfromscratch.model import CLIP, build_model
+from clipfromscratch.tokenizers import load_tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
+
+
+def rebuild_model(model_config: dict, tokenizer, text_config: dict) -> CLIP:
+    """The architecture a saved model had, with random weights, built offline from what was saved."""
+    # the weights come from the file: never fetch published ones again
+    config = replace(ModelConfig(**model_config), pretrained_image=False, pretrained_text=False)
+    text_config = dict(text_config)
+    return build_model(config, tokenizer, AutoConfig.for_model(text_config.pop("model_type"), **text_config))
+
+
+def export_model(model: CLIP, directory: str) -> None:
+    """Write `directory/{model.safetensors, config.json, tokenizer/}`."""
+    os.makedirs(directory, exist_ok=True)
+    save_safetensors(model, os.path.join(directory, WEIGHTS))
+    with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
+        json.dump({"model": asdict(model.config), "text_config": model.text_tower.backbone.config.to_dict()}, f,
+                  indent=2)
+    model.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> CLIP:
+    """An exported model in eval mode: `encode_image(pixels)`, `encode_text(list_of_str)`, `preprocess(pil)`."""
+    config_path = os.path.join(path, CONFIG)
+    if not os.path.isfile(config_path):
+        raise UsageError(f"not an exported model (no {CONFIG}): {path}")
+    with open(config_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    model = rebuild_model(saved["model"], load_tokenizer(os.path.join(path, TOKENIZER_DIR)), saved["text_config"])
+    load_safetensors(model, os.path.join(path, WEIGHTS), device=str(device))
+    return model.to(device).eval()

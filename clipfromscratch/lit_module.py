@@ -1,0 +1,125 @@
+"""The LightningModule: wires the CLIP model to the loss, the optimizer, the schedule, logging and validation."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import pytorch_lightning as pl
+import torch
+
+from clipfromscratch.eval.retrieval import retrieval_recall
+from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+from clipfromscratch.loss import clip_loss
+from clipfromscratch.model import CLIP
+from clipfromscratch.tokenizers import tokenizer_to_files
+
+LR_SCHEDULES = ("cosine", "plateau", "constant")
+MONITOR = "val/mean_recall@1"  # what "best" means for checkpoints, plateau and early stopping
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up from 0 to 1, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CLIPModule(pl.LightningModule):
+    def __init__(self, model: CLIP, lr: float, weight_decay: float, warmup_steps: int, lr_schedule: str,
+                 plateau_patience: int, plateau_factor: float, zeroshot_tasks: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.plateau_patience = plateau_patience
+        self.plateau_factor = plateau_factor
+        self.zeroshot_tasks = zeroshot_tasks or {}
+        self._val_outputs: list[dict] = []
+
+    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every sample of the batch was unreadable
+            return None
+        image_features = self.model.encode_image(batch["pixels"])
+        text_features = self.model.encode_tokens(batch["input_ids"], batch["attention_mask"])
+        scale = self.model.logit_scale()
+        loss = clip_loss(image_features, text_features, scale)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", scale)
+        self.log("train/temperature", 1 / scale)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.model.clamp_logit_scale_()
+
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        self._val_outputs.append({
+            "image": self.model.encode_image(batch["pixels"]),
+            "text": self.model.encode_tokens(batch["input_ids"], batch["attention_mask"]),
+            "image_id": batch["image_id"],
+            "index": batch["index"],
+            **{f"label_{k}": v for k, v in batch.get("labels", {}).items()},
+        })
+
+    def _gathered_outputs(self) -> dict[str, torch.Tensor]:
+        """This rank's validation outputs concatenated, gathered over ranks, padding duplicates dropped."""
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        if self.trainer.world_size == 1:
+            return local
+        gathered = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
+        index = gathered["index"]
+        keep = torch.ones_like(index, dtype=torch.bool)
+        if (index >= 0).all():
+            first = torch.full((int(index.max()) + 1,), index.numel(), device=index.device)
+            first.scatter_reduce_(0, index, torch.arange(index.numel(), device=index.device), reduce="amin")
+            keep = torch.zeros_like(keep).index_fill_(0, first[first < index.numel()], True)
+        return {k: v[keep] for k, v in gathered.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        out = self._gathered_outputs()
+        self._val_outputs.clear()
+        # one row per image: its captions point at it through text_to_image
+        image_ids, text_to_image = torch.unique(out["image_id"], return_inverse=True)
+        first_row = torch.full((image_ids.numel(),), text_to_image.numel(), device=text_to_image.device)
+        first_row.scatter_reduce_(0, text_to_image, torch.arange(text_to_image.numel(), device=text_to_image.device),
+                                  reduce="amin")
+        images = out["image"][first_row]
+        metrics = retrieval_recall(images, out["text"], text_to_image)
+        for task, (classnames, templates) in self.zeroshot_tasks.items():
+            labels = out[f"label_{task}"][first_row]
+            classifier = zeroshot_classifier(self.model.encode_text, classnames, templates)
+            metrics[f"zeroshot_{task}_acc1"] = zeroshot_accuracy(images, labels, classifier)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()})
+        self.log(MONITOR, (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2, prog_bar=True)
+
+    def configure_optimizers(self):
+        # no weight decay on biases, norms or the temperature: decaying log(1/T) collapses the scale
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel is ~5x faster per step on CPU as on GPU
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=True)
+        if self.lr_schedule == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=self.plateau_factor, patience=self.plateau_patience)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": MONITOR}}
+        if self.lr_schedule == "constant":
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every checkpoint carries what it takes to rebuild the model: its config and its exact tokenizer
+        checkpoint["clip_model_config"] = asdict(self.model.config)
+        checkpoint["clip_tokenizer_files"] = tokenizer_to_files(self.model.tokenizer)
+        checkpoint["clip_text_config"] = self.model.text_tower.backbone.config.to_dict()

@@ -1,0 +1,104 @@
+"""The CLIP model: an image tower and a text tower, projection heads into one space, and a learned temperature."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+from clipfromscratch.config import ModelConfig
+from clipfromscratch.data.transforms import image_transform
+from clipfromscratch.encoders.image import build_image_tower, default_image_size
+from clipfromscratch.encoders.text import build_text_tower, text_config
+from clipfromscratch.errors import UsageError
+from clipfromscratch.tokenizers import tokenize
+
+# CLIP initialises the temperature at 0.07 and never lets the logit scale exceed 100
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def resolve_image_size(config: ModelConfig) -> ModelConfig:
+    """Fill in the preset's resolution so the saved config says what was trained."""
+    if config.image_size is not None:
+        return config
+    return replace(config, image_size=default_image_size(config.image_encoder, config.model_size))
+
+
+class MLPHead(nn.Module):
+    """Linear -> GELU -> linear -> dropout, plus a residual from the first projection, then LayerNorm."""
+
+    def __init__(self, in_dim: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.projection = nn.Linear(in_dim, embed_dim)
+        self.fc = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        return self.norm(projected + self.dropout(self.fc(F.gelu(projected))))
+
+
+def make_head(kind: str, in_dim: int, embed_dim: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, embed_dim, bias=False)
+    if kind == "mlp":
+        return MLPHead(in_dim, embed_dim, dropout)
+    raise UsageError(f"unknown head '{kind}': choose one of linear, mlp")
+
+
+class CLIP(nn.Module):
+    """Two towers and their heads; embeddings are L2-normalised (B, embed_dim)."""
+
+    def __init__(self, config: ModelConfig, image_tower: nn.Module, text_tower: nn.Module,
+                 tokenizer: PreTrainedTokenizerFast):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_head = make_head(config.head, image_tower.num_features, config.embed_dim, config.head_dropout)
+        self.text_head = make_head(config.head, text_tower.num_features, config.embed_dim, config.head_dropout)
+        # learn log(1/T) so the temperature stays positive
+        self.log_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        self.preprocess = image_transform(config.image_size, image_tower.mean, image_tower.std, train=False)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep exp(t) <= 100 (clamping the parameter, not its use, keeps the gradient alive)."""
+        self.log_logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, D) unit vectors."""
+        return F.normalize(self.image_head(self.image_tower(pixels)), dim=-1)
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, D) unit vectors."""
+        return F.normalize(self.text_head(self.text_tower(input_ids, attention_mask)), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> (B, D) unit vectors."""
+        device = self.log_logit_scale.device
+        tokens = tokenize(self.tokenizer, texts, self.config.context_length)
+        return self.encode_tokens(**{k: v.to(device) for k, v in tokens.items()})
+
+
+def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,
+                text_hf_config: PretrainedConfig | None = None) -> CLIP:
+    """Build the towers named in `config`; a from-scratch text tower gets the vocabulary of `tokenizer`."""
+    config = resolve_image_size(config)
+    image_tower = build_image_tower(config.image_encoder, config.model_size, config.pretrained_image,
+                                    config.image_size, config.image_overrides)
+    if text_hf_config is None and not config.pretrained_text:
+        special_ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+        text_hf_config = text_config(config.text_encoder, config.model_size, config.text_overrides,
+                                     len(tokenizer), {k: v for k, v in special_ids.items() if v is not None})
+    text_tower = build_text_tower(config.text_encoder, config.text_pooling, config.pretrained_text, text_hf_config)
+    return CLIP(config, image_tower, text_tower, tokenizer)

@@ -1,0 +1,259 @@
+import contextlib
+import io
+import logging
+import re
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls
+from clipfromscratch.data.tsv import CaptionTable
+from clipfromscratch.errors import UsageError
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def transform(image: Image.Image) -> torch.Tensor:
+    return TF.to_tensor(image.resize((8, 8)))
+
+
+def image_bytes(colour: str, fmt: str = "PNG", size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), COLOURS[colour]).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def colour_of(pixels: torch.Tensor) -> str:
+    """The COLOURS name of a solid 8x8 image's tensor (JPEG is lossy, so nearest colour)."""
+    assert pixels.shape == (3, 8, 8)
+    mean = pixels.mean(dim=(1, 2)) * 255
+    return min(COLOURS, key=lambda name: float(((mean - torch.tensor(COLOURS[name])) ** 2).sum()))
+
+
+def write_table(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def write_shard(path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
+def ok_sample(key: str, colour: str, ext: str = "jpg") -> dict:
+    fmt = "JPEG" if ext == "jpg" else ext.upper()
+    return {"__key__": key, ext: image_bytes(colour, fmt), "txt": f"a {colour} square {key}", "json": "{}"}
+
+
+# caption tables
+
+
+def test_table_resolves_paths_against_its_folder_and_groups_images(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for colour in ("red", "green"):
+        (data / "images" / f"{colour}.png").write_bytes(image_bytes(colour))
+    green = data / "images" / "green.png"
+    table = write_table(data / "captions.tsv", "filepath\tcaption\n"
+                        "images/red.png\ta red square\n"
+                        "images/green.png\ta green square\n"
+                        f"./images/red.png\tred, again\n"
+                        f"{green}\tgreen, absolute\n")
+    monkeypatch.chdir(tmp_path)  # not the table's folder: relative paths must not depend on the cwd
+
+    ds = CaptionTable(table, transform)
+    samples = [ds[i] for i in range(len(ds))]
+    assert [s["caption"] for s in samples] == ["a red square", "a green square", "red, again", "green, absolute"]
+    assert [colour_of(s["pixels"]) for s in samples] == ["red", "green", "red", "green"]
+    assert [s["image_id"] for s in samples] == [0, 1, 0, 1]
+    assert ds.skipped_rows == 0 and ds.unreadable_images == 0
+
+
+def test_table_custom_columns_and_separator(tmp_path):
+    (tmp_path / "b.png").write_bytes(image_bytes("blue", size=16))
+    table = write_table(tmp_path / "pairs.csv", 'id,text,img\n7,"a blue square, large",b.png\n8,blue again,b.png\n')
+    ds = CaptionTable(table, transform, img_key="img", caption_key="text", separator=",")
+    assert list(ds.captions()) == ["a blue square, large", "blue again"]
+    assert ds[0]["pixels"].shape == (3, 8, 8)
+    assert colour_of(ds[0]["pixels"]) == "blue"
+
+
+def test_table_skips_malformed_rows_with_one_warning(tmp_path, caplog):
+    (tmp_path / "r.png").write_bytes(image_bytes("red"))
+    table = write_table(tmp_path / "t.tsv", "filepath\tcaption\n"
+                        "r.png\ttoo\tmany fields\n"
+                        "r.png\t \n"
+                        "\tno image\n"
+                        "r.png\n"
+                        "\n"  # a blank line is not a row
+                        "r.png\tthe good one\n")
+    with caplog.at_level(logging.WARNING):
+        ds = CaptionTable(table, transform)
+    assert ds.skipped_rows == 4
+    assert list(ds.captions()) == ["the good one"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 4 malformed rows" in warnings[0]
+
+
+def test_table_unreadable_images_are_none_and_counted(tmp_path):
+    (tmp_path / "good.png").write_bytes(image_bytes("green"))
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    (tmp_path / "truncated.jpg").write_bytes(image_bytes("red", "JPEG", size=64)[:200])
+    table = write_table(tmp_path / "t.tsv", "filepath\tcaption\n"
+                        "garbage.png\tgarbage\nmissing.png\tmissing\ntruncated.jpg\ttruncated\ngood.png\tgood\n")
+    ds = CaptionTable(table, transform)
+    assert [ds[i] for i in range(3)] == [None, None, None]
+    assert ds.unreadable_images == 3
+    assert ds[3]["caption"] == "good" and colour_of(ds[3]["pixels"]) == "green"
+
+
+@contextlib.contextmanager
+def usage_error(match: str):
+    """Expect a UsageError whose single-line message matches."""
+    with pytest.raises(UsageError, match=match) as info:
+        yield
+    assert "\n" not in str(info.value)
+
+
+def test_table_usage_errors_name_the_problem(tmp_path):
+    missing = tmp_path / "nope.tsv"
+    with usage_error(f"caption table not found: {re.escape(str(missing))}$"):
+        CaptionTable(missing, transform)
+
+    table = write_table(tmp_path / "t.tsv", "image\ttext\nx.png\thello\n")
+    with usage_error("column 'filepath' not in .*columns: image, text"):
+        CaptionTable(table, transform)
+    with usage_error("column 'caption' not in .*columns: image, text"):
+        CaptionTable(table, transform, img_key="image")
+    with usage_error(r"wrong separator\?"):
+        CaptionTable(table, transform, img_key="image", caption_key="text", separator=",")
+    with usage_error("separator must be a single character"):
+        CaptionTable(table, transform, separator="\\t")
+
+    with usage_error("no usable rows"):
+        CaptionTable(write_table(tmp_path / "bad.tsv", "filepath\tcaption\nonly-one-field\n"), transform)
+    with usage_error("caption table is empty"):
+        CaptionTable(write_table(tmp_path / "empty.tsv", ""), transform)
+
+
+# shard specs
+
+
+def test_resolve_shard_urls(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    names = [f"train-{i:06d}.tar" for i in range(3)]
+    for name in reversed(names):
+        write_shard(shards / name, [ok_sample("000", "red")])
+    (shards / "notes.txt").write_text("not a shard")
+    expected = [str(shards / name) for name in names]
+
+    assert resolve_shard_urls(expected[1]) == [expected[1]]
+    assert resolve_shard_urls(str(shards)) == expected
+    assert resolve_shard_urls(str(shards / "train-{000000..000002}.tar")) == expected
+    assert resolve_shard_urls(f"{expected[2]}::{shards}/train-{{000000..000001}}.tar") == [expected[2], *expected[:2]]
+
+
+def test_resolve_shard_urls_errors(tmp_path):
+    write_shard(tmp_path / "train-000000.tar", [ok_sample("000", "red")])
+    (tmp_path / "empty").mkdir()
+    with usage_error(f"no .tar shards found in {re.escape(str(tmp_path / 'empty'))}$"):
+        resolve_shard_urls(str(tmp_path / "empty"))
+    with usage_error(f"shard not found: {re.escape(str(tmp_path / 'other.tar'))}$"):
+        resolve_shard_urls(str(tmp_path / "other.tar"))
+    with usage_error(re.escape(f"shard not found: {tmp_path / 'train-000001.tar'} (2 of 3 shards missing)")):
+        resolve_shard_urls(str(tmp_path / "train-{000000..000002}.tar"))
+
+
+# shard datasets
+
+
+@pytest.fixture
+def two_shards(tmp_path) -> str:
+    """Shard 0: 6 jpg samples, shard 1: 6 png samples; captions 'a COLOUR square KEY'."""
+    colours = list(COLOURS)
+    for shard, ext in enumerate(("jpg", "png")):
+        write_shard(tmp_path / f"s-{shard}.tar",
+                    [ok_sample(f"{shard}{i:04d}", colours[i % 3], ext) for i in range(6)])
+    return str(tmp_path / "s-{0..1}.tar")
+
+
+def expected_captions() -> list[str]:
+    colours = list(COLOURS)
+    return [f"a {colours[i % 3]} square {shard}{i:04d}" for shard in range(2) for i in range(6)]
+
+
+def test_shards_in_order_every_sample_once(two_shards):
+    ds = CaptionShards(two_shards, transform, shuffle=False)
+    samples = list(ds)
+    assert [s["caption"] for s in samples] == expected_captions()
+    for s in samples:
+        assert colour_of(s["pixels"]) == s["caption"].split()[1]
+    ids = [s["image_id"] for s in samples]
+    assert len(set(ids)) == len(ids) and all(0 <= i < 2**63 for i in ids)
+    # stable: another instance (as on another rank) gives the same ids
+    assert [s["image_id"] for s in CaptionShards(two_shards, transform, shuffle=False)] == ids
+    assert list(ds.captions()) == expected_captions()
+    assert ds.skipped == 0
+
+
+def test_shards_shuffled_same_set_deterministic_by_seed(two_shards):
+    first = [s["caption"] for s in CaptionShards(two_shards, transform, shuffle=True, seed=3)]
+    ds = CaptionShards(two_shards, transform, shuffle=True, seed=3)
+    again = [s["caption"] for s in ds]
+    assert sorted(first) == sorted(expected_captions())
+    assert first == again and first != expected_captions()
+    next_pass = [s["caption"] for s in ds]
+    assert sorted(next_pass) == sorted(first) and next_pass != first
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shards_split_across_ranks(two_shards, monkeypatch, shuffle):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        per_rank.append([s["caption"] for s in CaptionShards(two_shards, transform, shuffle=shuffle)])
+    assert all(len(captions) == 6 for captions in per_rank)
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(expected_captions())
+
+
+def test_shards_split_across_loader_workers(two_shards):
+    loader = torch.utils.data.DataLoader(CaptionShards(two_shards, transform, shuffle=False),
+                                         batch_size=None, num_workers=2)
+    assert sorted(s["caption"] for s in loader) == sorted(expected_captions())
+
+
+def test_corrupt_shard_samples_are_skipped_and_counted(tmp_path, caplog):
+    shard = write_shard(tmp_path / "s.tar", [
+        ok_sample("0000", "red"),
+        {"__key__": "0001", "jpg": b"\xff\xd8 broken jpeg", "txt": "a broken image"},
+        {"__key__": "0002", "png": image_bytes("green")},  # no caption
+        {"__key__": "0003", "txt": "a caption without an image"},
+        {"__key__": "0004", "webp": image_bytes("blue", "WEBP"), "txt": "a blue webp"},
+    ])
+    ds = CaptionShards(shard, transform, shuffle=False)
+    with caplog.at_level(logging.WARNING):
+        samples = list(ds)
+    assert [s["caption"] for s in samples] == ["a red square 0000", "a blue webp"]
+    assert colour_of(samples[1]["pixels"]) == "blue"
+    assert ds.skipped == 3
+    assert sum("skipping sample" in r.getMessage() for r in caplog.records) == 3
+    # captions() reads only the .txt members, so it never sees that an image is broken
+    assert list(ds.captions()) == ["a red square 0000", "a broken image", "a caption without an image", "a blue webp"]
+
+
+def test_truncated_shard_is_skipped_not_fatal(tmp_path, caplog):
+    good = write_shard(tmp_path / "a.tar", [ok_sample("0000", "red")])
+    data = open(write_shard(tmp_path / "b.tar", [ok_sample(f"{i:04d}", "green") for i in range(3)]), "rb").read()
+    (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
+    ds = CaptionShards(f"{tmp_path / 'b.tar'}::{good}", transform, shuffle=False)
+    with caplog.at_level(logging.WARNING):
+        captions = [s["caption"] for s in ds]
+    assert captions[-1] == "a red square 0000" and len(captions) < 4
+    assert any("unreadable shard data" in r.getMessage() and "b.tar" in r.getMessage() for r in caplog.records)
