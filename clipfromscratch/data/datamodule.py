@@ -95,7 +95,10 @@ class CaptionDataModule(pl.LightningDataModule):
     def bind(self, model) -> None:
         """Preprocess images and tokenise captions the way `model` expects."""
         tower = model.image_tower
-        self.train_set.transform = image_transform(tower.image_size, tower.mean, tower.std, train=True)
+        # the synthetic data never repeats a sample: cropping it would only cost time and blur its positions
+        augment = not isinstance(self.train_set, SyntheticCaptions)
+        self.train_set.transform = (image_transform(tower.image_size, tower.mean, tower.std, train=True) if augment
+                                    else model.preprocess)
         if self.val_set is not None:
             self.val_set.transform = model.preprocess
         self.collate = Collate(model.tokenizer, model.config.context_length)

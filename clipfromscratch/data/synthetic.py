@@ -19,7 +19,7 @@ COLOURS = {
     "purple": (140, 60, 180), "orange": (245, 140, 30), "pink": (240, 120, 190), "brown": (120, 75, 35),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
-SIZES = {"small": 0.11, "medium": 0.16, "large": 0.22}  # radius as a fraction of the image side
+SIZES = {"small": 0.13, "medium": 0.18, "large": 0.24}  # radius as a fraction of the image side
 PLACES = {  # centre (x, y) as fractions, and how captions name it
     (0.25, 0.25): "in the top left", (0.5, 0.25): "at the top", (0.75, 0.25): "in the top right",
     (0.25, 0.5): "on the left", (0.5, 0.5): "in the middle", (0.75, 0.5): "on the right",

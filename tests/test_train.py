@@ -1,0 +1,99 @@
+"""End to end: train on the synthetic data, check it learned, export, reload, resume; and the one-line errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from clipfromscratch import load_model
+from clipfromscratch.cli import main
+from clipfromscratch.data.synthetic import SyntheticCaptions
+from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+
+VAL_SAMPLES = 200
+# small enough for seconds on 2 CPU cores, long enough to learn colours and some shapes
+QUICK = ["--image-size", "32", "--batch-size", "64", "--lr", "2e-3", "--warmup-steps", "20", "--max-steps", "150",
+         "--val-every-n-steps", "150", "--synthetic-val-samples", str(VAL_SAMPLES), "--num-workers", "0",
+         "--embed-dim", "64"]
+CHANCE = 1 / VAL_SAMPLES
+
+
+def _train(tmp_path_factory, text_enc: str) -> str:
+    out = str(tmp_path_factory.mktemp(text_enc) / "run")
+    assert main(["--image-enc", "vit", "--text-enc", text_enc, "--output-dir", out, *QUICK]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    return _train(tmp_path_factory, "bert")
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    return _train(tmp_path_factory, "gpt2")
+
+
+def _metrics(run: str) -> dict:
+    with open(os.path.join(run, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_bert_learns_far_above_chance(bert_run):
+    m = _metrics(bert_run)
+    assert m["step"] == 150
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
+        assert m[key] > 10 * CHANCE, m
+    assert m["image_retrieval_recall@10"] >= m["image_retrieval_recall@5"] >= m["image_retrieval_recall@1"]
+    assert m["zeroshot_colour_acc1"] > 0.5, m  # 8 colours: chance is 0.125
+    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k != "step")
+    assert {"last.ckpt", "config.yaml", "metrics.json", "final"} <= set(os.listdir(bert_run))
+    assert any(name.startswith("best-") for name in os.listdir(bert_run))
+
+
+def test_gpt2_learns_about_as_well_as_bert(bert_run, gpt2_run):
+    bert, gpt2 = _metrics(bert_run), _metrics(gpt2_run)
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
+        assert gpt2[key] > 10 * CHANCE, gpt2
+    assert gpt2["zeroshot_colour_acc1"] > 0.5, gpt2
+    bert_r5 = bert["image_retrieval_recall@5"] + bert["text_retrieval_recall@5"]
+    gpt2_r5 = gpt2["image_retrieval_recall@5"] + gpt2["text_retrieval_recall@5"]
+    assert gpt2_r5 > 0.5 * bert_r5, (bert, gpt2)
+
+
+def test_export_reloads_the_trained_model(bert_run):
+    model = load_model(os.path.join(bert_run, "final"))
+    val = SyntheticCaptions("val", VAL_SAMPLES, seed=0, image_size=32, transform=model.preprocess)
+    samples = [val[i] for i in range(VAL_SAMPLES)]
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([s["pixels"] for s in samples]))
+        names, templates = SyntheticCaptions.zeroshot_tasks["colour"]
+        accuracy = zeroshot_accuracy(images, torch.tensor([s["labels"]["colour"] for s in samples]),
+                                     zeroshot_classifier(model.encode_text, names, templates))
+    # the same weights, tokenizer and preprocessing as in training give the same figure
+    assert accuracy == pytest.approx(_metrics(bert_run)["zeroshot_colour_acc1"], abs=1e-3)
+
+
+def test_resume_continues_the_run(bert_run):
+    ckpt = torch.load(os.path.join(bert_run, "last.ckpt"), weights_only=False)
+    assert "clip_tokenizer_files" in ckpt and ckpt["global_step"] == 150
+    assert main(["--resume", bert_run, "--max-steps", "160", "--val-every-n-steps", "10"]) == 0
+    assert _metrics(bert_run)["step"] == 160
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-enc", "vgg-nope"], "unknown image encoder 'vgg-nope': choose one of resnet, vit, xception"),
+    (["--text-enc", "./no/such/model"], "text encoder directory not found: ./no/such/model"),
+    (["--train-data", "missing.tsv"], "caption table not found: missing.tsv"),
+    (["--train-data", "no/such/shards-{000..002}.tar"], "shard not found"),
+    (["--resume", "no/such/run"], "no checkpoint to resume from"),
+    (["--model-size", "huge"], "option model_size is 'huge': choose one of tiny, base"),
+    (["--lr-schedule", "plateau", "--train-data", "{table}"], "plateau and early stopping watch validation"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    table = tmp_path / "t.tsv"
+    table.write_text("filepath\tcaption\nimg.png\ta caption\n")
+    args = [a.replace("{table}", str(table)) for a in args]
+    assert main([*args, "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
