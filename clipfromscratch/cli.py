@@ -107,7 +107,11 @@ def train(config: TrainConfig) -> dict[str, float]:
         check_val_every_n_epoch=None, log_every_n_steps=config.log_every_n_steps, callbacks=callbacks,
         logger=_logger(config, output_dir), default_root_dir=output_dir, num_sanity_val_steps=0,
     )
+    first_step = checkpoint["global_step"] if checkpoint else 0
+    started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    samples = (trainer.global_step - first_step) * config.batch_size * config.accumulate_grad_batches
+    samples_per_s = samples * trainer.world_size / (time.perf_counter() - started)
 
     metrics: dict[str, float] = {}
     if val_data:
@@ -117,7 +121,8 @@ def train(config: TrainConfig) -> dict[str, float]:
         with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump({"step": trainer.global_step, **metrics}, f, indent=2)
         export_model(model, os.path.join(output_dir, "final"))
-        print(f"\nrun: {output_dir}  steps: {trainer.global_step}")
+        print(f"\nrun: {output_dir}  steps: {trainer.global_step}  "
+              f"training throughput: {samples_per_s:.0f} samples/s (validation included)")
         for name, value in metrics.items():
             print(f"  {name:32s} {value:.4f}")
     return metrics
@@ -128,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # `clipfromscratch train ...` and `python train.py ...` are the same command
         argv = argv[1:]
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # advice that does not apply here: few workers on small CPUs, FLOP counting, a Lightning-internal deprecation
+    for noise in (".*does not have many workers.*", ".*flops_per_batch.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", noise)
     try:
         train(load_config(argv))
     except UsageError as err:

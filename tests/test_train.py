@@ -12,8 +12,8 @@ from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
 VAL_SAMPLES = 200
 # small enough for seconds on 2 CPU cores, long enough to learn colours and some shapes
-QUICK = ["--image-size", "32", "--batch-size", "64", "--lr", "2e-3", "--warmup-steps", "20", "--max-steps", "150",
-         "--val-every-n-steps", "150", "--synthetic-val-samples", str(VAL_SAMPLES), "--num-workers", "0",
+QUICK = ["--image-size", "32", "--batch-size", "64", "--lr", "5e-4", "--warmup-steps", "20", "--max-steps", "250",
+         "--val-every-n-steps", "250", "--synthetic-val-samples", str(VAL_SAMPLES), "--num-workers", "0",
          "--embed-dim", "64"]
 CHANCE = 1 / VAL_SAMPLES
 
@@ -41,11 +41,11 @@ def _metrics(run: str) -> dict:
 
 def test_bert_learns_far_above_chance(bert_run):
     m = _metrics(bert_run)
-    assert m["step"] == 150
-    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
-        assert m[key] > 10 * CHANCE, m
+    assert m["step"] == 250
+    for key in ("image_retrieval_recall@10", "text_retrieval_recall@10"):
+        assert m[key] > 4 * 10 * CHANCE, m
     assert m["image_retrieval_recall@10"] >= m["image_retrieval_recall@5"] >= m["image_retrieval_recall@1"]
-    assert m["zeroshot_colour_acc1"] > 0.5, m  # 8 colours: chance is 0.125
+    assert m["zeroshot_colour_acc1"] > 0.6, m  # 8 colours: chance is 0.125
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k != "step")
     assert {"last.ckpt", "config.yaml", "metrics.json", "final"} <= set(os.listdir(bert_run))
     assert any(name.startswith("best-") for name in os.listdir(bert_run))
@@ -53,12 +53,12 @@ def test_bert_learns_far_above_chance(bert_run):
 
 def test_gpt2_learns_about_as_well_as_bert(bert_run, gpt2_run):
     bert, gpt2 = _metrics(bert_run), _metrics(gpt2_run)
-    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
-        assert gpt2[key] > 10 * CHANCE, gpt2
-    assert gpt2["zeroshot_colour_acc1"] > 0.5, gpt2
-    bert_r5 = bert["image_retrieval_recall@5"] + bert["text_retrieval_recall@5"]
-    gpt2_r5 = gpt2["image_retrieval_recall@5"] + gpt2["text_retrieval_recall@5"]
-    assert gpt2_r5 > 0.5 * bert_r5, (bert, gpt2)
+    for key in ("image_retrieval_recall@10", "text_retrieval_recall@10"):
+        assert gpt2[key] > 4 * 10 * CHANCE, gpt2
+    assert gpt2["zeroshot_colour_acc1"] > 0.6, gpt2
+    bert_r10 = bert["image_retrieval_recall@10"] + bert["text_retrieval_recall@10"]
+    gpt2_r10 = gpt2["image_retrieval_recall@10"] + gpt2["text_retrieval_recall@10"]
+    assert gpt2_r10 > 0.6 * bert_r10, (bert, gpt2)
 
 
 def test_export_reloads_the_trained_model(bert_run):
@@ -76,9 +76,9 @@ def test_export_reloads_the_trained_model(bert_run):
 
 def test_resume_continues_the_run(bert_run):
     ckpt = torch.load(os.path.join(bert_run, "last.ckpt"), weights_only=False)
-    assert "clip_tokenizer_files" in ckpt and ckpt["global_step"] == 150
-    assert main(["--resume", bert_run, "--max-steps", "160", "--val-every-n-steps", "10"]) == 0
-    assert _metrics(bert_run)["step"] == 160
+    assert "clip_tokenizer_files" in ckpt and ckpt["global_step"] == 250
+    assert main(["--resume", bert_run, "--max-steps", "260", "--val-every-n-steps", "10"]) == 0
+    assert _metrics(bert_run)["step"] == 260
 
 
 @pytest.mark.parametrize("args, message", [
