@@ -23,6 +23,7 @@ from clipfromscratch.model import build_model, resolve_image_size
 from clipfromscratch.tokenizers import make_tokenizer, tokenizer_from_files
 
 LAST_CKPT = "last.ckpt"
+RUN_STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
 
 
 def _resume_checkpoint(resume: str) -> str:
@@ -68,7 +69,9 @@ def train(config: TrainConfig) -> dict[str, float]:
         output_dir = config.output_dir or os.path.dirname(ckpt_path)
     else:
         ckpt_path = None
-        run_name = config.run_name or f"{config.image_encoder}-{config.text_encoder}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # Lightning's DDP launcher re-runs this script per rank: the ranks inherit rank 0's time stamp
+        stamp = os.environ.setdefault(RUN_STAMP_ENV, time.strftime("%Y%m%d-%H%M%S"))
+        run_name = config.run_name or f"{config.image_encoder}-{config.text_encoder}-{stamp}"
         output_dir = config.output_dir or os.path.join("checkpoints", os.path.basename(run_name))
     config = resolve_image_size(replace(config, output_dir=output_dir))
     val_data = config.val_data or ("synthetic" if config.train_data == "synthetic" else None)
