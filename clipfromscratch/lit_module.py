@@ -13,7 +13,6 @@ from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP
 from clipfromscratch.tokenizers import tokenizer_to_files
 
-LR_SCHEDULES = ("cosine", "plateau", "constant")
 MONITOR = "val/mean_recall@1"  # what "best" means for checkpoints, plateau and early stopping
 
 

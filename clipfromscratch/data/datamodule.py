@@ -5,7 +5,6 @@ or a brace pattern). Tokenisation happens in the loader workers, in `Collate`.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import pytorch_lightning as pl
@@ -19,7 +18,6 @@ from clipfromscratch.data.transforms import image_transform
 from clipfromscratch.data.tsv import CaptionTable
 from clipfromscratch.tokenizers import tokenize
 
-log = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".tsv", ".csv")
 
 
