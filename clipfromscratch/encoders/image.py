@@ -31,14 +31,14 @@ class ImageFamily:
 IMAGE_ENCODERS: Registry[ImageFamily] = Registry("image encoder", "any timm model name (e.g. convnext_tiny)")
 IMAGE_ENCODERS.register("resnet", ImageFamily(
     presets={
-        "tiny": ImagePreset("resnet50", 48, dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32)),
+        "tiny": ImagePreset("resnet50", 32, dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32)),
         "base": ImagePreset("resnet50", 224),
     },
     takes_img_size=False,
 ))
 IMAGE_ENCODERS.register("vit", ImageFamily(
     presets={
-        "tiny": ImagePreset("vit_base_patch16_224", 48, dict(patch_size=8, embed_dim=128, depth=4, num_heads=4)),
+        "tiny": ImagePreset("vit_base_patch16_224", 32, dict(patch_size=8, embed_dim=128, depth=4, num_heads=4)),
         "base": ImagePreset("vit_base_patch16_224", 224),
     },
     takes_img_size=True,
@@ -46,7 +46,7 @@ IMAGE_ENCODERS.register("vit", ImageFamily(
 IMAGE_ENCODERS.register("xception", ImageFamily(
     presets={
         # timm's aligned Xception needs two or more blocks (one block divides by zero in its drop-path schedule)
-        "tiny": ImagePreset("xception41", 48, dict(block_cfg=[
+        "tiny": ImagePreset("xception41", 32, dict(block_cfg=[
             dict(in_chs=64, out_chs=96, stride=2),
             dict(in_chs=96, out_chs=192, stride=2),
             dict(in_chs=192, out_chs=(192, 256, 256), stride=2),
