@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytorch_lightning as pl
 import torch
 
-from clipfromscratch.eval.retrieval import retrieval_recall
+from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP
@@ -72,12 +72,9 @@ class CLIPModule(pl.LightningModule):
         if self.trainer.world_size == 1:
             return local
         gathered = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
-        index = gathered["index"]
-        keep = torch.ones_like(index, dtype=torch.bool)
-        if (index >= 0).all():
-            first = torch.full((int(index.max()) + 1,), index.numel(), device=index.device)
-            first.scatter_reduce_(0, index, torch.arange(index.numel(), device=index.device), reduce="amin")
-            keep = torch.zeros_like(keep).index_fill_(0, first[first < index.numel()], True)
+        if (gathered["index"] < 0).any():  # streamed data: no sampler padding to drop
+            return gathered
+        keep = first_occurrences(gathered["index"])[0].sort().values
         return {k: v[keep] for k, v in gathered.items()}
 
     def on_validation_epoch_end(self) -> None:
@@ -86,10 +83,7 @@ class CLIPModule(pl.LightningModule):
         out = self._gathered_outputs()
         self._val_outputs.clear()
         # one row per image: its captions point at it through text_to_image
-        image_ids, text_to_image = torch.unique(out["image_id"], return_inverse=True)
-        first_row = torch.full((image_ids.numel(),), text_to_image.numel(), device=text_to_image.device)
-        first_row.scatter_reduce_(0, text_to_image, torch.arange(text_to_image.numel(), device=text_to_image.device),
-                                  reduce="amin")
+        first_row, text_to_image = first_occurrences(out["image_id"])
         images = out["image"][first_row]
         metrics = retrieval_recall(images, out["text"], text_to_image)
         for task, (classnames, templates) in self.zeroshot_tasks.items():

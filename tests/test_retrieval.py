@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clipfromscratch.eval.retrieval import retrieval_recall
+from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
 
@@ -37,3 +37,9 @@ def test_zeroshot_ensemble_and_accuracy():
     assert classifier[0, 0] > classifier[0, 1] and classifier[1, 1] > classifier[1, 0]
     images = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.9, 0.2], [0.0, 1.0]])
     assert zeroshot_accuracy(images, torch.tensor([0, 1, 1, -1]), classifier) == pytest.approx(2 / 3)
+
+
+def test_first_occurrences_groups_rows_by_key():
+    first, inverse = first_occurrences(torch.tensor([5, 3, 5, 7, 3]))
+    assert first.tolist() == [1, 0, 3]  # keys 3, 5, 7
+    assert inverse.tolist() == [1, 0, 1, 2, 0]

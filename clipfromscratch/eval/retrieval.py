@@ -19,6 +19,14 @@ def _hits_at_k(queries: torch.Tensor, keys: torch.Tensor, is_match, k_max: int) 
     return torch.cat(rows)
 
 
+def first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) keys -> (K,) row of each distinct key's first occurrence (keys in sorted order), (N,) each row's key number."""
+    _, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), keys.numel(), device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
+    return first, inverse
+
+
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """(I, D) images, (T, D) captions, (T,) index of each caption's image -> recall fractions in [0, 1]."""
