@@ -1,6 +1,7 @@
 """`python train.py ...` and `clipfromscratch train ...`: flags and YAML -> data, model, Trainer -> a trained, exported run."""
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -11,12 +12,15 @@ from dataclasses import replace
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from clipfromscratch.config import TrainConfig, load_config, save_config
 from clipfromscratch.data.datamodule import CaptionDataModule
 from clipfromscratch.errors import UsageError
+from clipfromscratch.eval.callback import ZeroShotCallback
+from clipfromscratch.eval.tasks import EvalOptions
 from clipfromscratch.export import export_model, rebuild_model
 from clipfromscratch.lit_module import MONITOR, CLIPModule
 from clipfromscratch.model import build_model, resolve_image_size
@@ -24,13 +28,33 @@ from clipfromscratch.tokenizers import make_tokenizer, tokenizer_from_files
 
 LAST_CKPT = "last.ckpt"
 RUN_STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
+SIGTERM_EXIT = 143  # 128 + SIGTERM: the run did not finish, schedulers and torchrun should not take it for done
+
+
+class CheckpointOnSigterm(Callback):
+    """SIGTERM (pre-emption, a time limit, `kill`) makes Lightning stop after the current step: save that step."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                print(f"SIGTERM at step {trainer.global_step}: saved {self.path}; continue with --resume", flush=True)
 
 
 def _resume_checkpoint(resume: str) -> str:
-    path = os.path.join(resume, LAST_CKPT) if os.path.isdir(resume) else resume
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint to resume from: {path}")
-    return path
+    """A checkpoint file, or a run directory's newest: last.ckpt or the one SLURM pre-emption wrote (hpc_ckpt_N)."""
+    if not os.path.isdir(resume):
+        if not os.path.isfile(resume):
+            raise UsageError(f"no checkpoint to resume from: {resume}")
+        return resume
+    found = [os.path.join(resume, LAST_CKPT)] + glob.glob(os.path.join(glob.escape(resume), "hpc_ckpt_*.ckpt"))
+    found = [path for path in found if os.path.isfile(path)]
+    if not found:
+        raise UsageError(f"no checkpoint to resume from in {resume} (no {LAST_CKPT} or hpc_ckpt_*.ckpt)")
+    return max(found, key=os.path.getmtime)
 
 
 def _logger(config: TrainConfig, output_dir: str) -> Logger:
@@ -55,6 +79,11 @@ def _devices(devices: str) -> str | int | list[int]:
 def _check(config: TrainConfig, has_val: bool) -> None:
     if not has_val and (config.lr_schedule == "plateau" or config.early_stopping_patience is not None):
         raise UsageError("lr_schedule plateau and early stopping watch validation recall: give --val-data")
+    if not has_val and config.zeroshot_data:
+        raise UsageError("--zeroshot-data runs at validations: give --val-data")
+    for name in ("accum_freq", "checkpoint_every_n_steps", "batch_size", "zeroshot_every_n_validations"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"{name} is {getattr(config, name)}: it must be at least 1")
     if config.max_steps == -1 and config.max_epochs is None:
         raise UsageError("set --max-steps or --max-epochs, or training never ends")
 
@@ -77,29 +106,46 @@ def train(config: TrainConfig) -> dict[str, float]:
     val_data = config.val_data or ("synthetic" if config.train_data == "synthetic" else None)
     _check(config, val_data is not None)
 
+    # with feature-cached accumulation a step's batch is accum_freq micro-batches
     data = CaptionDataModule(
-        config.train_data, val_data, config.batch_size, config.num_workers, config.seed, config.image_size,
+        config.train_data, val_data, config.batch_size * config.accum_freq, config.num_workers, config.seed,
+        config.image_size,
         config.synthetic_train_samples, config.synthetic_val_samples,
-        config.csv_img_key, config.csv_caption_key, config.csv_separator)
+        config.csv_img_key, config.csv_caption_key, config.csv_separator,
+        config.shuffle_buffer, config.dataset_resampled, config.train_num_samples)
     if checkpoint is not None:
         model = rebuild_model(checkpoint["clip_model_config"], tokenizer_from_files(checkpoint["clip_tokenizer_files"]),
                               checkpoint["clip_text_config"])
     else:
         tokenizer = make_tokenizer(config.text_encoder, config.pretrained_text, config.model_size,
-                                   data.train_captions())
+                                   data.train_captions(), data.tokenizer_cache_dir)
         model = build_model(config.model_config(), tokenizer)
     data.bind(model)
+    model.lock_towers(image=config.lock_image, text=config.lock_text)
+    if config.grad_checkpointing:
+        model.image_tower.enable_grad_checkpointing()
+        model.text_tower.enable_grad_checkpointing()
     module = CLIPModule(model, config.lr, config.weight_decay, config.warmup_steps, config.lr_schedule,
-                        config.plateau_patience, config.plateau_factor, data.zeroshot_tasks)
+                        config.plateau_patience, config.plateau_factor, data.zeroshot_tasks,
+                        config.accum_freq, config.skip_nonfinite)
 
     os.makedirs(output_dir, exist_ok=True)
     save_config(config, os.path.join(output_dir, "config.yaml"))
     callbacks = [
-        ModelCheckpoint(dirpath=output_dir, filename="best-{step}", monitor=MONITOR if val_data else None,
-                        mode="max", save_last=True, save_top_k=1 if val_data else 0),
+        # last.ckpt on a step clock of its own, so a killed run resumes from at most that many steps back
+        ModelCheckpoint(dirpath=output_dir, every_n_train_steps=config.checkpoint_every_n_steps, save_top_k=0,
+                        save_last=True),
+        CheckpointOnSigterm(os.path.join(output_dir, LAST_CKPT)),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(batch_size_fn=lambda batch: 0 if batch is None else batch["pixels"].size(0)),
     ]
+    if val_data:
+        callbacks.append(ModelCheckpoint(dirpath=output_dir, filename="best-{step}", monitor=MONITOR, mode="max"))
+    if config.zeroshot_data:
+        options = EvalOptions(data=config.zeroshot_data, label=config.zeroshot_label,
+                              templates=config.zeroshot_templates, num_workers=config.num_workers, seed=config.seed)
+        name = os.path.basename(config.zeroshot_data.rstrip("/").replace(":", "/"))
+        callbacks.append(ZeroShotCallback(name, options, config.zeroshot_every_n_validations))
     if config.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(MONITOR, mode="max", patience=config.early_stopping_patience))
     trainer = pl.Trainer(
@@ -113,7 +159,9 @@ def train(config: TrainConfig) -> dict[str, float]:
     first_step = checkpoint["global_step"] if checkpoint else 0
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    samples = (trainer.global_step - first_step) * config.batch_size * config.accumulate_grad_batches
+    trainer.save_checkpoint(os.path.join(output_dir, LAST_CKPT))  # the step clock may have stopped short of the end
+    samples = ((trainer.global_step - first_step) * config.batch_size * config.accum_freq
+               * config.accumulate_grad_batches)
     samples_per_s = samples * trainer.world_size / (time.perf_counter() - started)
 
     metrics: dict[str, float] = {}
@@ -128,11 +176,18 @@ def train(config: TrainConfig) -> dict[str, float]:
               f"training throughput: {samples_per_s:.0f} samples/s (validation included)")
         for name, value in metrics.items():
             print(f"  {name:32s} {value:.4f}")
+        if module.skipped_nonfinite:
+            steps = "step" if module.skipped_nonfinite == 1 else "steps"
+            print(f"skipped {module.skipped_nonfinite} {steps} with a non-finite loss (--skip-nonfinite)")
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["eval"], ["compare"], ["search"]):
+        from clipfromscratch.eval.cli import main as eval_main  # lazy: its plotting is not needed to train
+
+        return eval_main(argv)
     if argv[:1] == ["train"]:  # `clipfromscratch train ...` and `python train.py ...` are the same command
         argv = argv[1:]
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -147,4 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         print(f"error: {err}: lower --lr or set --gradient-clip-val", file=sys.stderr)
         return 1
+    except SIGTERMException:
+        return SIGTERM_EXIT
     return 0

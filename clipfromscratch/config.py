@@ -59,6 +59,11 @@ class TrainConfig(ModelConfig):
     csv_img_key: str = opt("filepath", "image path column of a caption table")
     csv_caption_key: str = opt("caption", "caption column of a caption table")
     csv_separator: str = opt("\t", "column separator of a caption table")
+    shuffle_buffer: int = opt(1000, "samples in the shuffle buffer of streamed training shards")
+    dataset_resampled: bool = opt(False, "draw training shards at random with replacement, an endless stream cut "
+                                         "into epochs of --train-num-samples (for multi-node training)")
+    train_num_samples: int | None = opt(None, "samples in one training epoch of shards (needed with "
+                                              "--dataset-resampled; otherwise a cap that keeps ranks in step)")
     batch_size: int = opt(64, "samples per step and device (the contrastive batch)")
     num_workers: int = opt(1, "data loader worker processes")
     lr: float = opt(1e-3, "peak learning rate of AdamW")
@@ -79,12 +84,25 @@ class TrainConfig(ModelConfig):
     num_nodes: int = opt(1, "machines in the job")
     gradient_clip_val: float | None = opt(1.0, "clip the gradient norm to this value (none: no clipping)")
     accumulate_grad_batches: int = opt(1, "batches per optimizer step (adds no negatives to the loss)")
+    accum_freq: int = opt(1, "feature-cached accumulation: K micro-batches of --batch-size per step, all K x B "
+                             "samples negatives of each other, activation memory of one micro-batch")
+    grad_checkpointing: bool = opt(False, "recompute tower activations in backward: less memory, ~30% more compute")
+    lock_image: bool = opt(False, "freeze the image tower, norm statistics included (LiT); its head still trains")
+    lock_text: bool = opt(False, "freeze the text tower (LiT); its head still trains")
+    skip_nonfinite: bool = opt(False, "skip (and count) steps whose loss is NaN or inf instead of stopping the run")
+    checkpoint_every_n_steps: int = opt(100, "write last.ckpt every this many steps, so a killed run loses little")
     log_every_n_steps: int = opt(10, "training steps between logged rows")
     seed: int = opt(0, "random seed for weights, data order and synthetic data")
     output_dir: str | None = opt(None, "where checkpoints, logs and the export go (default: checkpoints/<run-name>)")
     run_name: str | None = opt(None, "run name (default: <image>-<text>-<date>-<time>)")
     resume: str | None = opt(None, "continue a run: its directory or a checkpoint file (default last.ckpt)")
     logger: str = opt("csv", "metrics logger", ("csv", "tensorboard", "wandb"))
+    zeroshot_data: str | None = opt(None, "labelled data to classify zero-shot at validations, logged as "
+                                          "val/zeroshot_<name>_acc1 (as `eval --data`: imagefolder:DIR, "
+                                          "cifar10:ROOT, shards with a --zeroshot-label field)")
+    zeroshot_label: str | None = opt(None, "the class field of --zeroshot-data (shards: a KEY.json key)")
+    zeroshot_templates: str | None = opt(None, "prompt templates: simple | openai_imagenet | cifar | FILE")
+    zeroshot_every_n_validations: int = opt(1, "run --zeroshot-data at every N-th validation")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})

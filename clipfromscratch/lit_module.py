@@ -6,6 +6,8 @@ from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
@@ -26,9 +28,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 class CLIPModule(pl.LightningModule):
     def __init__(self, model: CLIP, lr: float, weight_decay: float, warmup_steps: int, lr_schedule: str,
-                 plateau_patience: int, plateau_factor: float, zeroshot_tasks: dict | None = None):
+                 plateau_patience: int, plateau_factor: float, zeroshot_tasks: dict | None = None,
+                 accum_freq: int = 1, skip_nonfinite: bool = False):
         super().__init__()
         self.model = model
+        self.accum_freq = accum_freq
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_nonfinite = 0
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
@@ -38,15 +44,37 @@ class CLIPModule(pl.LightningModule):
         self.zeroshot_tasks = zeroshot_tasks or {}
         self._val_outputs: list[dict] = []
 
+    def _encode_pair(self, pixels: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(pixels), self.model.encode_tokens(input_ids, attention_mask)
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text features of the whole batch, as the loss sees them.
+
+        With accum_freq K the batch runs as K micro-batches whose activations are dropped after the forward
+        pass and recomputed one micro-batch at a time during backward (feature-cached accumulation): the loss
+        sees all K x B negatives, activation memory is that of one micro-batch, the gradient that of the big batch.
+        """
+        inputs = (batch["pixels"], batch["input_ids"], batch["attention_mask"])
+        if self.accum_freq == 1:
+            return self._encode_pair(*inputs)
+        chunks = zip(*(x.chunk(self.accum_freq) for x in inputs))
+        parts = [checkpoint(self._encode_pair, *chunk, use_reentrant=False) for chunk in chunks]
+        return torch.cat([image for image, _ in parts]), torch.cat([text for _, text in parts])
+
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every sample of the batch was unreadable
             return None
-        image_features = self.model.encode_image(batch["pixels"])
-        text_features = self.model.encode_tokens(batch["input_ids"], batch["attention_mask"])
+        image_features, text_features = self.embed(batch)
         scale = self.model.logit_scale()
         loss = clip_loss(image_features, text_features, scale)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        # every rank must take the same decision, or DDP waits forever for the rank that skipped
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            if not self.skip_nonfinite:
+                raise FloatingPointError(f"non-finite loss at step {self.global_step}")
+            self.skipped_nonfinite += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+            return None
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale)
         self.log("train/temperature", 1 / scale)
@@ -71,9 +99,11 @@ class CLIPModule(pl.LightningModule):
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         if self.trainer.world_size == 1:
             return local
-        gathered = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
-        if (gathered["index"] < 0).any():  # streamed data: no sampler padding to drop
-            return gathered
+        # ranks can hold different row counts (unreadable samples are dropped): pad to the largest, gather, cut
+        counts = self.all_gather(torch.tensor(local["index"].size(0), device=self.device)).tolist()
+        padded = {k: F.pad(v, (0, 0) * (v.dim() - 1) + (0, max(counts) - v.size(0))) for k, v in local.items()}
+        gathered = {k: torch.cat([v[rank, :count] for rank, count in enumerate(counts)])
+                    for k, v in self.all_gather(padded).items()}
         keep = first_occurrences(gathered["index"])[0].sort().values
         return {k: v[keep] for k, v in gathered.items()}
 

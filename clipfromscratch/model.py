@@ -66,6 +66,20 @@ class CLIP(nn.Module):
         # learn log(1/T) so the temperature stays positive
         self.log_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.preprocess = image_transform(config.image_size, image_tower.mean, image_tower.std, train=False)
+        self.locked_towers: list[nn.Module] = []
+
+    def lock_towers(self, image: bool, text: bool) -> None:
+        """Freeze towers (LiT): no gradients, and eval mode for good so norm statistics and dropout stay fixed."""
+        for tower in [t for t, lock in ((self.image_tower, image), (self.text_tower, text)) if lock]:
+            tower.requires_grad_(False)
+            self.locked_towers.append(tower)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for tower in self.locked_towers:
+            tower.eval()
+        return self
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp()

@@ -6,6 +6,7 @@ evaluation reloads exactly the tokenizer training used.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 
@@ -27,7 +28,8 @@ def _wordpiece(captions: Iterator[str], vocab_size: int) -> PreTrainedTokenizerF
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = list(dict.fromkeys(WORDPIECE_SPECIALS.values()))
-    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(captions, trainer)
     cls, sep = WORDPIECE_SPECIALS["cls_token"], WORDPIECE_SPECIALS["sep_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))]
@@ -38,14 +40,17 @@ def _wordpiece(captions: Iterator[str], vocab_size: int) -> PreTrainedTokenizerF
 
 def _byte_level_bpe(captions: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # a word is one token wherever it stands: without the prefix space, "a" first and " a" later differ
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     specials = list(dict.fromkeys(BPE_SPECIALS.values()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(captions, trainer)
-    # end every caption with <|endoftext|>, as CLIP does, so the pooled last token is the same symbol everywhere
+    # frame every caption as CLIP does: a start token every position can attend to, and an end token, the same
+    # symbol everywhere, whose state the tower pools
     eos = BPE_SPECIALS["eos_token"]
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
+    tok.post_processor = processors.TemplateProcessing(single=f"{eos} $A {eos}",
+                                                       special_tokens=[(eos, tok.token_to_id(eos))])
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BPE_SPECIALS)
 
@@ -61,8 +66,12 @@ def _ready(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_tokenizer(text_encoder: str, pretrained: bool, size: str, captions: Iterable[str]) -> PreTrainedTokenizerFast:
-    """The tower's own tokenizer when pretrained, else one trained on `captions` with the tower's vocabulary size."""
+def make_tokenizer(text_encoder: str, pretrained: bool, size: str, captions: Iterable[str],
+                   cache_dir: str | None = None) -> PreTrainedTokenizerFast:
+    """The tower's own tokenizer when pretrained, else one trained on `captions` with the tower's vocabulary size.
+
+    `cache_dir`: a folder named after the captions' source; a tokenizer trained there before is reused.
+    """
     if pretrained:
         return load_tokenizer(pretrained_source(text_encoder))
     family = text_family(text_encoder)
@@ -71,7 +80,23 @@ def make_tokenizer(text_encoder: str, pretrained: bool, size: str, captions: Ite
         base = load_tokenizer(pretrained_source(text_encoder))
         return _ready(base.train_new_from_iterator(iter(captions), vocab_size=base.vocab_size))
     vocab_size = family.presets[size].get("vocab_size") or AutoConfig.for_model(family.model_type).vocab_size
-    return _ready(TRAINERS[family.tokenizer_kind](iter(captions), vocab_size))
+    if cache_dir is None:
+        return _ready(TRAINERS[family.tokenizer_kind](iter(captions), vocab_size))
+    cached = os.path.join(cache_dir, f"{family.tokenizer_kind}-{vocab_size}")
+    if os.path.isdir(cached):
+        return load_tokenizer(cached)
+    tok = _ready(TRAINERS[family.tokenizer_kind](iter(captions), vocab_size))
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        partial = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
+    except OSError:
+        return tok  # a read-only dataset folder: no cache, train again next time
+    tok.save_pretrained(partial)
+    try:
+        os.rename(partial, cached)  # whole or not at all
+    except OSError:
+        shutil.rmtree(partial)  # another rank or run cached the same tokenizer first
+    return tok
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerFast:

@@ -1,5 +1,6 @@
 import contextlib
 import io
+import json
 import logging
 import re
 
@@ -9,6 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from clipfromscratch.data.shard_index import IndexedShards
 from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls
 from clipfromscratch.data.tsv import CaptionTable
 from clipfromscratch.errors import UsageError
@@ -16,8 +18,11 @@ from clipfromscratch.errors import UsageError
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
-def transform(image: Image.Image) -> torch.Tensor:
-    return TF.to_tensor(image.resize((8, 8)))
+def transform(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """Tables give PIL images, training shards decoded uint8 tensors: either -> (3, 8, 8) in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return TF.to_tensor(image.resize((8, 8)))
+    return TF.resize(image, [8, 8]).float() / 255
 
 
 def image_bytes(colour: str, fmt: str = "PNG", size: int = 8) -> bytes:
@@ -244,16 +249,38 @@ def test_corrupt_shard_samples_are_skipped_and_counted(tmp_path, caplog):
     assert colour_of(samples[1]["pixels"]) == "blue"
     assert ds.skipped == 3
     assert sum("skipping sample" in r.getMessage() for r in caplog.records) == 3
-    # captions() reads only the .txt members, so it never sees that an image is broken
+    # captions() reads only the .txt and .json members, so it never sees that an image is broken
     assert list(ds.captions()) == ["a red square 0000", "a broken image", "a caption without an image", "a blue webp"]
+    # evaluation: samples without image or caption never become rows; the broken image is a counted None
+    indexed = IndexedShards(shard, transform)
+    assert indexed.skipped == 2 and [caption for _, caption in indexed.rows] == [
+        "a red square 0000", "a broken image", "a blue webp"]
+    assert indexed[1] is None and indexed.skipped == 3
+    assert colour_of(indexed[2]["pixels"]) == "blue"
 
 
 def test_truncated_shard_is_skipped_not_fatal(tmp_path, caplog):
     good = write_shard(tmp_path / "a.tar", [ok_sample("0000", "red")])
-    data = open(write_shard(tmp_path / "b.tar", [ok_sample(f"{i:04d}", "green") for i in range(3)]), "rb").read()
+    write_shard(tmp_path / "b.tar", [ok_sample(f"{i:04d}", "green") for i in range(3)])
+    data = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
     ds = CaptionShards(f"{tmp_path / 'b.tar'}::{good}", transform, shuffle=False)
     with caplog.at_level(logging.WARNING):
         captions = [s["caption"] for s in ds]
     assert captions[-1] == "a red square 0000" and len(captions) < 4
     assert any("unreadable shard data" in r.getMessage() and "b.tar" in r.getMessage() for r in caplog.records)
+
+
+def test_img2dataset_output_is_read_as_it_is(tmp_path):
+    """img2dataset's webdataset layout: 00000.tar with KEY.jpg/.txt/.json, beside 00000_stats.json and .parquet."""
+    write_shard(tmp_path / "00000.tar", [
+        {"__key__": f"0000000{i}", "jpg": image_bytes(colour, "JPEG"), "txt": f"a {colour} square",
+         "json": json.dumps({"url": f"http://x/{i}.jpg", "caption": f"a {colour} square", "status": "success"})}
+        for i, colour in enumerate(COLOURS)])
+    (tmp_path / "00000_stats.json").write_text("{}")
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1")
+    streamed = list(CaptionShards(str(tmp_path), transform, shuffle=False))
+    assert [(colour_of(s["pixels"]), s["caption"]) for s in streamed] == [(c, f"a {c} square") for c in COLOURS]
+    indexed = IndexedShards(str(tmp_path), transform)
+    assert [indexed[i]["caption"] for i in range(len(indexed))] == [f"a {c} square" for c in COLOURS]
+    assert [colour_of(indexed[i]["pixels"]) for i in range(len(indexed))] == list(COLOURS)

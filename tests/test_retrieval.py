@@ -31,7 +31,7 @@ def test_recall_of_a_perfect_and_a_reversed_matching():
 
 def test_zeroshot_ensemble_and_accuracy():
     table = {"a red": [1.0, 0.0], "a blue": [0.0, 1.0], "one red": [0.8, 0.6], "one blue": [0.6, 0.8]}
-    encode = lambda texts: torch.tensor([table[t] for t in texts])  # noqa: E731
+    encode = lambda texts: torch.tensor([table[t] for t in texts])
     classifier = zeroshot_classifier(encode, ["red", "blue"], [lambda c: f"a {c}", lambda c: f"one {c}"])
     torch.testing.assert_close(classifier.norm(dim=-1), torch.ones(2))
     assert classifier[0, 0] > classifier[0, 1] and classifier[1, 1] > classifier[1, 0]

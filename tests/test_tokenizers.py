@@ -17,11 +17,14 @@ def test_trained_tokenizer_round_trips(text_enc):
     assert restored.padding_side == "right"
 
 
-def test_bert_wraps_in_cls_sep_and_gpt2_ends_with_its_own_eos():
+def test_bert_wraps_in_cls_sep_and_gpt2_in_its_own_start_and_end():
     bert = make_tokenizer("bert", False, "tiny", CAPTIONS)
     assert bert.convert_ids_to_tokens(bert("a red star")["input_ids"]) == ["[CLS]", "a", "red", "star", "[SEP]"]
     gpt2 = make_tokenizer("gpt2", False, "tiny", CAPTIONS)
-    assert gpt2.convert_ids_to_tokens(gpt2("a red star")["input_ids"])[-1] == "<|endoftext|>"
+    # a word is the same token first in a caption and later in one
+    assert gpt2.convert_ids_to_tokens(gpt2("red star")["input_ids"]) == ["<|endoftext|>", "Ġred", "Ġstar",
+                                                                         "<|endoftext|>"]
+    assert gpt2.convert_ids_to_tokens(tokenize(gpt2, ["a red star"], 4)["input_ids"][0])[-1] == "<|endoftext|>"
     assert gpt2.pad_token_id != gpt2.eos_token_id
 
 

@@ -1,7 +1,8 @@
 """One LightningDataModule for every caption source: the source is picked by its spec, batching is shared.
 
 SPEC: `synthetic`, a caption table (`.tsv`, `.csv`), or webdataset shards (a `.tar`, a directory of them,
-or a brace pattern). Tokenisation happens in the loader workers, in `Collate`.
+or a brace pattern): streamed for training, indexed for validation so that every sample counts once.
+Tokenisation happens in the loader workers, in `Collate`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedTokenizerFast
 
-from clipfromscratch.data.shards import CaptionShards
+from clipfromscratch.data.shard_index import IndexedShards
+from clipfromscratch.data.shards import SHUFFLE_BUFFER, CaptionShards
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.transforms import image_transform
 from clipfromscratch.data.tsv import CaptionTable
@@ -22,13 +24,15 @@ TABLE_SUFFIXES = (".tsv", ".csv")
 
 
 def open_source(spec: str, split: str, *, seed: int, synthetic_samples: int, image_size: int,
-                csv_img_key: str, csv_caption_key: str, csv_separator: str) -> Dataset:
-    """The dataset a SPEC names, without an image transform yet."""
+                csv_img_key: str, csv_caption_key: str, csv_separator: str, stream: dict) -> Dataset:
+    """The dataset a SPEC names, without an image transform yet; `stream`: CaptionShards options for training."""
     if spec == "synthetic":
         return SyntheticCaptions(split, synthetic_samples, seed, image_size)
     if spec.lower().endswith(TABLE_SUFFIXES):
         return CaptionTable(spec, None, csv_img_key, csv_caption_key, csv_separator)
-    return CaptionShards(spec, None, shuffle=split == "train", seed=seed)
+    if split == "train":
+        return CaptionShards(spec, None, shuffle=True, seed=seed, **stream)
+    return IndexedShards(spec, None)
 
 
 class _Indexed(Dataset):
@@ -70,10 +74,13 @@ class Collate:
 class CaptionDataModule(pl.LightningDataModule):
     def __init__(self, train_data: str, val_data: str | None, batch_size: int, num_workers: int, seed: int,
                  image_size: int, synthetic_train_samples: int, synthetic_val_samples: int,
-                 csv_img_key: str, csv_caption_key: str, csv_separator: str):
+                 csv_img_key: str, csv_caption_key: str, csv_separator: str, shuffle_buffer: int = SHUFFLE_BUFFER,
+                 dataset_resampled: bool = False, train_num_samples: int | None = None):
         super().__init__()
-        common = dict(seed=seed, image_size=image_size, csv_img_key=csv_img_key, csv_caption_key=csv_caption_key,
-                      csv_separator=csv_separator)
+        stream = {"shuffle_buffer": shuffle_buffer, "resampled": dataset_resampled, "epoch_samples": train_num_samples,
+                  "batch_size": batch_size, "num_workers": num_workers}
+        common = {"seed": seed, "image_size": image_size, "csv_img_key": csv_img_key,
+                  "csv_caption_key": csv_caption_key, "csv_separator": csv_separator, "stream": stream}
         self.train_set = open_source(train_data, "train", synthetic_samples=synthetic_train_samples, **common)
         self.val_set = None if val_data is None else open_source(
             val_data, "val", synthetic_samples=synthetic_val_samples, **common)
@@ -84,6 +91,11 @@ class CaptionDataModule(pl.LightningDataModule):
     def train_captions(self) -> Iterator[str]:
         """Captions to train a tokenizer on."""
         return self.train_set.captions()
+
+    @property
+    def tokenizer_cache_dir(self) -> str | None:
+        """Where a tokenizer trained on the training captions may be kept for other runs (shards only)."""
+        return self.train_set.tokenizer_cache_dir() if isinstance(self.train_set, CaptionShards) else None
 
     @property
     def zeroshot_tasks(self) -> dict:
@@ -114,6 +126,8 @@ class CaptionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_set, CaptionShards):
+            self.train_set.check_readers(self.trainer.world_size if self.trainer else 1)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:

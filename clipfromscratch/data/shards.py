@@ -1,10 +1,16 @@
-"""Webdataset shards in img2dataset layout: KEY.jpg (or .jpeg/.png/.webp) + KEY.txt caption (+ optional KEY.json)."""
+"""Webdataset shards for training, streamed: KEY.jpg (or .jpeg/.png/.webp) + KEY.txt caption, optional KEY.json.
+
+This is the layout of data_prep/ and of img2dataset. When KEY.json holds a `captions` list (COCO's five per
+image), each visit of the image draws one of them at random; otherwise the caption is KEY.txt.
+"""
 from __future__ import annotations
 
 import glob
 import hashlib
-import io
+import itertools
+import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -12,9 +18,8 @@ from collections.abc import Callable, Iterator
 import braceexpand
 import torch
 import webdataset as wds
-from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
 
-from clipfromscratch.data.tsv import UNREADABLE
 from clipfromscratch.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -45,77 +50,133 @@ def resolve_shard_urls(spec: str) -> list[str]:
     return urls
 
 
+def sample_captions(raw: dict) -> list[str]:
+    """All captions of a raw sample: KEY.json's `captions` list if it has one, else KEY.txt."""
+    if "json" in raw:
+        try:
+            captions = json.loads(raw["json"]).get("captions")
+        except (ValueError, AttributeError):
+            captions = None
+        if isinstance(captions, list) and captions:
+            return [str(c).strip() for c in captions if str(c).strip()]
+    text = raw.get("txt", b"").decode("utf-8", errors="replace").strip()
+    return [text] if text else []
+
+
 def _image_id(url: str, key: str) -> int:
     digest = hashlib.blake2b(f"{url}\n{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1  # 63 bits, so it fits a signed int64 tensor
 
 
-class CaptionShards(torch.utils.data.IterableDataset):
-    """Image-caption samples streamed from shards, split across DDP ranks and then across loader workers."""
+def shard_error(exn: Exception) -> bool:
+    """webdataset's error handler for shards that can't be opened or read: warn and go on with the rest."""
+    where = "; ".join(arg for arg in exn.args if isinstance(arg, str))
+    log.warning("skipping unreadable shard data: %s: %s", type(exn).__name__, where)
+    return True
 
-    def __init__(self, spec: str, transform: Callable[[Image.Image], torch.Tensor] | None, shuffle: bool,
-                 seed: int = 0):
+
+class CaptionShards(torch.utils.data.IterableDataset):
+    """Training samples streamed from shards: shard order shuffled, a sample shuffle buffer, split by rank and worker.
+
+    Finite (default): each pass reads every shard once, the shards dealt out to ranks, then to loader workers.
+    Resampled: every worker draws shards at random with replacement, an endless stream cut into epochs of
+    `epoch_samples`. With `epoch_samples`, each worker yields exactly (resampled) or at most (finite) its share,
+    rounded up to whole batches, so every rank runs the same number of steps.
+    """
+
+    def __init__(self, spec: str, transform: Callable[[torch.Tensor], torch.Tensor] | None, shuffle: bool,
+                 seed: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER, resampled: bool = False,
+                 epoch_samples: int | None = None, batch_size: int = 1, num_workers: int = 0):
         super().__init__()
+        if resampled and epoch_samples is None:
+            raise UsageError("--dataset-resampled needs --train-num-samples (the samples in one epoch)")
         self.urls = resolve_shard_urls(spec)
         self.transform = transform
         self.shuffle = shuffle
         self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.epoch_samples = epoch_samples
+        self.batch_size = batch_size
+        self.num_workers = num_workers
         self.skipped = 0  # corrupt samples skipped, in this process
         self._passes = 0
+
+    def check_readers(self, world_size: int) -> None:
+        """Finite streaming gives every (rank, worker) shards of its own: there must be enough of them."""
+        readers = world_size * max(1, self.num_workers)
+        if not self.resampled and len(self.urls) < readers:
+            raise UsageError(f"{len(self.urls)} training shards for {readers} readers ({world_size} ranks x "
+                             f"{max(1, self.num_workers)} workers): use --dataset-resampled with --train-num-samples, "
+                             "fewer --num-workers, or more shards (smaller --shard-size)")
+
+    def _worker_samples(self, world_size: int) -> int:
+        batches = math.ceil(self.epoch_samples / (world_size * max(1, self.num_workers) * self.batch_size))
+        return batches * self.batch_size
+
+    def __len__(self) -> int:
+        """Samples per rank and epoch; only known with `epoch_samples`."""
+        if self.epoch_samples is None:
+            raise TypeError("streamed shards have no length without an epoch size")
+        _, world_size, _, _ = wds.utils.pytorch_worker_info()
+        return self._worker_samples(world_size) * max(1, self.num_workers)
 
     def __iter__(self) -> Iterator[dict]:
         # A new order every pass; counted per process, which advances in step with epochs in the main
         # process and in persistent workers (non-persistent workers get a fresh copy and repeat pass 0).
         pass_seed = f"{self.seed}/{self._passes}"
         self._passes += 1
-        urls = list(self.urls)
+        rank, world_size, worker, _ = wds.utils.pytorch_worker_info()
+        worker_seed = f"{pass_seed}/{rank}/{worker}"
+        if self.resampled:
+            shard_rng = random.Random(worker_seed)
+            urls = (shard_rng.choice(self.urls) for _ in itertools.count())
+        else:
+            urls = list(self.urls)
+            if self.shuffle:
+                # the same shard order on every rank, so splitting it by node below still partitions it
+                random.Random(pass_seed).shuffle(urls)
+            urls = wds.split_by_worker(wds.split_by_node(urls))
+        samples = wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error)
         if self.shuffle:
-            # the same shard order on every rank, so splitting it by node below still partitions it
-            random.Random(pass_seed).shuffle(urls)
-        urls = wds.split_by_worker(wds.split_by_node(urls))
-        samples = wds.tarfile_samples(({"url": url} for url in urls), handler=self._shard_error)
-        if self.shuffle:
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
-            samples = wds.shuffle(SHUFFLE_BUFFER, seed=f"{pass_seed}/{rank}/{worker}")(samples)
-        for raw in samples:
-            sample = self._sample(raw)
-            if sample is not None:
-                yield sample
+            samples = wds.shuffle(self.shuffle_buffer, seed=worker_seed)(samples)
+        caption_rng = random.Random(f"{worker_seed}/captions")
+        decoded = (self._sample(raw, caption_rng) for raw in samples)
+        decoded = (sample for sample in decoded if sample is not None)
+        if self.epoch_samples is not None:
+            decoded = itertools.islice(decoded, self._worker_samples(world_size))
+        yield from decoded
 
     def captions(self) -> Iterator[str]:
-        """Every caption in shard order, streamed; only the .txt members are read."""
+        """Every caption in shard order, streamed; only the .txt and .json members are read."""
         shards = ({"url": url} for url in self.urls)
-        for raw in wds.tarfile_samples(shards, handler=self._shard_error,
-                                       select_files=lambda name: name.endswith(".txt")):
-            caption = _caption(raw)
-            if caption:
-                yield caption
+        for raw in wds.tarfile_samples(shards, handler=shard_error,
+                                       select_files=lambda name: name.endswith((".txt", ".json"))):
+            yield from sample_captions(raw)
 
-    def _sample(self, raw: dict) -> dict | None:
+    def tokenizer_cache_dir(self) -> str | None:
+        """Where tokenizers trained on these shards' captions are kept: beside the shards, named by their contents."""
+        if any(_is_remote(url) for url in self.urls) or len({os.path.dirname(url) for url in self.urls}) != 1:
+            return None
+        fingerprint = hashlib.blake2b(digest_size=6)
+        for url in self.urls:
+            fingerprint.update(f"{os.path.basename(url)} {os.path.getsize(url)}\n".encode())
+        return os.path.join(os.path.dirname(self.urls[0]), "tokenizers", fingerprint.hexdigest())
+
+    def _sample(self, raw: dict, caption_rng: random.Random) -> dict | None:
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        caption = _caption(raw)
+        captions = sample_captions(raw)
         if image_bytes is None:
             return self._skip(raw, "no image")
-        if not caption:
+        if not captions:
             return self._skip(raw, "no caption")
         try:
-            with Image.open(io.BytesIO(image_bytes)) as image:
-                rgb = image.convert("RGB")
-        except UNREADABLE as exn:
-            return self._skip(raw, f"unreadable image ({exn})")
-        return {"pixels": self.transform(rgb) if self.transform else rgb, "caption": caption,
-                "image_id": _image_id(raw["__url__"], raw["__key__"])}
+            pixels = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as exn:
+            return self._skip(raw, f"unreadable image ({str(exn).splitlines()[0]})")
+        return {"pixels": self.transform(pixels) if self.transform else pixels,
+                "caption": caption_rng.choice(captions), "image_id": _image_id(raw["__url__"], raw["__key__"])}
 
     def _skip(self, raw: dict, reason: str) -> None:
         self.skipped += 1
         log.warning("skipping sample %s in %s: %s", raw["__key__"], raw["__url__"], reason)
-
-    def _shard_error(self, exn: Exception) -> bool:
-        """webdataset's error handler for shards that can't be opened or read: warn and go on with the rest."""
-        where = "; ".join(arg for arg in exn.args if isinstance(arg, str))
-        log.warning("skipping unreadable shard data: %s: %s", type(exn).__name__, where)
-        return True
-
-
-def _caption(raw: dict) -> str:
-    return raw.get("txt", b"").decode("utf-8", errors="replace").strip()

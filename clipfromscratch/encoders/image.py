@@ -73,6 +73,12 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)
 
+    def enable_grad_checkpointing(self) -> None:
+        try:
+            self.backbone.set_grad_checkpointing(True)
+        except AssertionError:  # timm's way of saying a model has no checkpointed blocks
+            raise UsageError(f"timm model {type(self.backbone).__name__} has no gradient checkpointing") from None
+
 
 def default_image_size(name: str, size: str) -> int:
     """The input resolution a family's preset is built for (any other timm model: its pretrained config's)."""

@@ -1,0 +1,306 @@
+"""Training samples/s of our Lightning loop against open_clip's own training step, side by side in one process.
+
+Contenders, alternated over rounds (the order flips every round) so that noise from other processes on the machine
+hits all of them; each round times `--steps` steps after `--warmup` steps (its median step counts), figures are
+medians over rounds, and ratios and fractions of peak are medians of the per-round ones (paired within a round):
+- ours: `CLIPModule` through `pl.Trainer.fit` on an in-memory loader of pre-made batches (no logger, progress bar
+  or checkpoints), step time read by a callback between consecutive `on_train_batch_end` calls;
+- ours_plain: the same model, loss and fused AdamW in a bare Python loop, so ours - ours_plain is Lightning's cost;
+- openclip: open_clip's CLIP + `open_clip.ClipLoss` + the same fused AdamW, stepped as `open_clip_train` does
+  (cosine LR, zero_grad, forward, loss, backward, step, clamp the logit scale);
+- demo: ours on the CPU demo config (configs/demo_cpu.yaml: tiny ViT + tiny BERT at 32 px) and its synthetic batches.
+The equal-FLOP pair: ViT width 192, 6 layers, 3 heads, patch 16 at 64 px; causal text transformer width 192,
+6 layers, 3 heads, context 32 (every caption fills it); embed 128; vocabulary 49408 on both sides; fp32.
+FLOPs of a step (forward + backward) come from FlopCounterMode; the peak is the best 2048x2048 fp32 matmul rate
+of each round, at the same thread count. Prints one JSON line.
+
+    python benchmarks/train_throughput.py [--rounds 7] [--steps 6] [--warmup 2] [--batch-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+
+import open_clip
+import pytorch_lightning as pl
+import torch
+from open_clip_train.scheduler import cosine_lr
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipfromscratch.config import ModelConfig, TrainConfig, load_config
+from clipfromscratch.data.datamodule import Collate
+from clipfromscratch.data.synthetic import SyntheticCaptions
+from clipfromscratch.encoders.text import text_config
+from clipfromscratch.lit_module import CLIPModule
+from clipfromscratch.loss import clip_loss
+from clipfromscratch.model import CLIP, build_model, resolve_image_size
+from clipfromscratch.tokenizers import make_tokenizer
+
+PAIR = ModelConfig(
+    image_encoder="vit", image_size=64, image_overrides={"embed_dim": 192, "depth": 6, "num_heads": 3, "patch_size": 16},
+    text_encoder="gpt2", text_overrides={"n_embd": 192, "n_layer": 6, "n_head": 3}, context_length=32, embed_dim=128)
+# open_clip's (CLIP's BPE) vocabulary on both sides: the token embedding is most of the 15M parameters, so it
+# sets the optimizer's cost; our tokenizer trained on synthetic captions would have only a few hundred tokens
+PAIR_VOCAB = 49408
+DEFAULTS = TrainConfig()
+LR = DEFAULTS.lr
+WARMUP_STEPS = DEFAULTS.warmup_steps
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr: the tokenizers trainer (Rust) prints blank progress lines straight to it,
+    and stdout is for the results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def quiet_lightning() -> None:
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+
+
+def pair_model() -> CLIP:
+    """Our equal-FLOP model, built through `build_model` as the CLI builds it, with the open_clip vocabulary."""
+    tokenizer = make_tokenizer("gpt2", False, "tiny", SyntheticCaptions("train", 1000, 0, 64).captions())
+    special_ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    hf_config = text_config("gpt2", "tiny", PAIR.text_overrides, PAIR_VOCAB, special_ids)
+    return build_model(PAIR, tokenizer, hf_config)
+
+
+def pair_batches(count: int, batch_size: int, seed: int = 0) -> list[dict]:
+    """Noise images and full-length captions ending in the highest token id: open_clip's argmax pooling and our
+    last-real-token pooling read the same position, and both towers see all 32 positions."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, PAIR_VOCAB - 1, (batch_size, PAIR.context_length), generator=generator)
+        ids[:, -1] = PAIR_VOCAB - 1
+        pixels = torch.randn(batch_size, 3, PAIR.image_size, PAIR.image_size, generator=generator)
+        batches.append({"pixels": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def clip_module(model: CLIP, accum_freq: int = 1, lr_schedule: str = "cosine") -> CLIPModule:
+    return CLIPModule(model, LR, DEFAULTS.weight_decay, WARMUP_STEPS, lr_schedule, DEFAULTS.plateau_patience,
+                      DEFAULTS.plateau_factor, accum_freq=accum_freq)
+
+
+class StepClock(pl.Callback):
+    """Wall-clock time at the end of every training step: the gaps include Lightning's whole loop."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def lightning_step_times(module: CLIPModule, batches: list[dict], steps: int, warmup: int,
+                         gradient_clip_val: float | None = None, devices: int = 1) -> list[float]:
+    """Seconds of each of `steps` steps of `trainer.fit` after `warmup` steps; a new Trainer (and optimizer) per call.
+
+    With `devices` > 1 this process must already be one rank of a torch.distributed job (LOCAL_RANK etc. set);
+    every rank steps through its own `batches`.
+    """
+    clock = StepClock()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=warmup + steps,
+        logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=gradient_clip_val, callbacks=[clock],
+        use_distributed_sampler=False)
+    # the same few batches again and again, in one epoch: no epoch-end hooks inside the timed steps
+    loader = DataLoader([batches[i % len(batches)] for i in range(warmup + steps)], batch_size=None)
+    trainer.fit(module, loader)
+    return [b - a for a, b in zip(clock.ends[warmup - 1:], clock.ends[warmup:])]
+
+
+def timed_loop(step: Callable[[dict], None], batches: list[dict], steps: int, warmup: int) -> list[float]:
+    ends = []
+    for i in range(warmup + steps):
+        step(batches[i % len(batches)])
+        ends.append(time.perf_counter())
+    return [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
+
+
+def plain_step(model: CLIP) -> Callable[[dict], None]:
+    """Our model, loss and fused AdamW (constant LR) in a bare loop: what the step costs without Lightning."""
+    module = clip_module(model, lr_schedule="constant")
+    optimizer = module.configure_optimizers()
+
+    def step(batch: dict) -> None:
+        optimizer.zero_grad()
+        our_loss(module, batch).backward()
+        optimizer.step()
+        model.clamp_logit_scale_()
+
+    return step
+
+
+def openclip_model(vocab_size: int) -> open_clip.CLIP:
+    vision = open_clip.CLIPVisionCfg(layers=6, width=192, head_width=64, patch_size=16, image_size=PAIR.image_size)
+    text = open_clip.CLIPTextCfg(context_length=PAIR.context_length, vocab_size=vocab_size, width=192, heads=3,
+                                 layers=6)
+    # output_dict as open_clip_train builds it: the loss takes the outputs by name
+    return open_clip.CLIP(embed_dim=PAIR.embed_dim, vision_cfg=vision, text_cfg=text, output_dict=True)
+
+
+def openclip_step(model: open_clip.CLIP) -> Callable[[dict], None]:
+    """open_clip_train's step at fp32 without gradient clipping (its default), with our fused AdamW."""
+    # open_clip_train's parameter groups: no decay on gains, biases and the logit scale
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": DEFAULTS.weight_decay},
+    ], lr=LR, fused=True)
+    scheduler = cosine_lr(optimizer, LR, WARMUP_STEPS, DEFAULTS.max_steps)
+    loss = open_clip.ClipLoss()
+    model.train()
+    counter = itertools.count()
+
+    def step(batch: dict) -> None:
+        scheduler(next(counter))
+        optimizer.zero_grad()
+        losses = loss(**model(batch["pixels"], batch["input_ids"]), output_dict=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    return step
+
+
+def demo_setup(batch_count: int) -> tuple[CLIPModule, list[dict], float | None]:
+    """The CPU demo's module, `batch_count` of its synthetic training batches, and its gradient clipping."""
+    config = load_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.yaml")])
+    image_size = resolve_image_size(config.model_config()).image_size
+    dataset = SyntheticCaptions("train", config.synthetic_train_samples, config.seed, image_size)
+    tokenizer = make_tokenizer(config.text_encoder, False, config.model_size, dataset.captions())
+    model = build_model(config.model_config(), tokenizer)
+    dataset.transform = model.preprocess
+    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=Collate(tokenizer, config.context_length))
+    module = CLIPModule(model, config.lr, config.weight_decay, config.warmup_steps, config.lr_schedule,
+                        config.plateau_patience, config.plateau_factor)
+    return module, list(itertools.islice(loader, batch_count)), config.gradient_clip_val
+
+
+def our_loss(module: CLIPModule, batch: dict) -> torch.Tensor:
+    return clip_loss(*module.embed(batch), module.model.logit_scale())
+
+
+def step_gflop(model: nn.Module, loss_of: Callable[[dict], torch.Tensor], batch: dict) -> float:
+    """GFLOP of one forward + backward as FlopCounterMode counts them (CPU's fused attention kernel is not
+    counted: a few percent of these steps, on both sides alike)."""
+    with FlopCounterMode(display=False) as counter:
+        loss_of(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """The best fp32 matmul rate of a few tries: this machine's attainable peak right now."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def millions(model: nn.Module) -> float:
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per contender and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (at least 1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    quiet_lightning()
+    load_start = os.getloadavg()[0]
+    torch.manual_seed(0)
+    with stdout_to_stderr():
+        ours_model, openclip = pair_model(), openclip_model(PAIR_VOCAB)
+        demo, demo_batches, demo_clip = demo_setup(4)
+    ours = clip_module(ours_model)
+    batches = pair_batches(4, args.batch_size)
+    loss = open_clip.ClipLoss()
+    gflop = {
+        "ours": step_gflop(ours_model, functools.partial(our_loss, ours), batches[0]),
+        "openclip": step_gflop(openclip, lambda b: loss(**openclip(b["pixels"], b["input_ids"])), batches[0]),
+        # demo captions are padded to the longest of each batch: average over the batches it cycles through
+        "demo": statistics.mean(step_gflop(demo.model, functools.partial(our_loss, demo), b) for b in demo_batches),
+    }
+    gflop["ours_plain"] = gflop["ours"]
+    plain, openclip_train = plain_step(ours_model), openclip_step(openclip)
+    contenders = {
+        "ours": lambda: lightning_step_times(ours, batches, args.steps, args.warmup),
+        "ours_plain": lambda: timed_loop(plain, batches, args.steps, args.warmup),
+        "openclip": lambda: timed_loop(openclip_train, batches, args.steps, args.warmup),
+        "demo": lambda: lightning_step_times(demo, demo_batches, args.steps, args.warmup, demo_clip),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    peaks = []
+    for round_ in range(args.rounds):
+        peaks.append(matmul_gflops())
+        for name in list(contenders)[::1 if round_ % 2 == 0 else -1]:
+            rates[name].append(args.batch_size / statistics.median(contenders[name]()))
+    median = statistics.median
+    rate = {name: median(values) for name, values in rates.items()}
+    achieved = {name: gflop[name] * rate[name] / args.batch_size for name in rate}
+    # other tenants' load changes within minutes: compare each figure with the others of its own round
+    ratio = median(ours / other for ours, other in zip(rates["ours"], rates["openclip"]))
+    fraction = {name: median(gflop[name] * r / args.batch_size / p for r, p in zip(values, peaks))
+                for name, values in rates.items()}
+    lightning_ms = median(1000 * args.batch_size * (1 / ours - 1 / plain)
+                          for ours, plain in zip(rates["ours"], rates["ours_plain"]))
+    print(json.dumps({
+        "samples_per_s": round(rate["ours"], 1), "openclip_samples_per_s": round(rate["openclip"], 1),
+        "ratio": round(ratio, 3),
+        "achieved_gflops": round(achieved["ours"], 1), "peak_gflops": round(median(peaks), 1),
+        "fraction_of_peak": round(fraction["ours"], 3),
+        "openclip_achieved_gflops": round(achieved["openclip"], 1),
+        "openclip_fraction_of_peak": round(fraction["openclip"], 3),
+        "gflop_per_step": round(gflop["ours"], 2), "openclip_gflop_per_step": round(gflop["openclip"], 2),
+        "params_m": millions(ours_model), "openclip_params_m": millions(openclip),
+        "plain_loop_samples_per_s": round(rate["ours_plain"], 1),
+        "lightning_ms_per_step": round(lightning_ms, 1),
+        "demo_samples_per_s": round(rate["demo"], 1), "demo_gflop_per_step": round(gflop["demo"], 3),
+        "demo_achieved_gflops": round(achieved["demo"], 1), "demo_fraction_of_peak": round(fraction["demo"], 3),
+        "peak_gflops_per_round": [round(p, 1) for p in peaks],
+        "samples_per_s_per_round": {name: [round(r, 1) for r in values] for name, values in rates.items()},
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
+        "steps": args.steps, "warmup": args.warmup,
+        "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+    }))
+
+
+if __name__ == "__main__":
+    main()

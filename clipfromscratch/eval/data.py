@@ -1,0 +1,220 @@
+"""Evaluation datasets: labelled images for classification tasks, captioned images for retrieval.
+
+Every dataset yields (PIL image, target) or None for an unreadable image; the model's own preprocessing is
+applied later (see embed.Preprocess), so one opened dataset serves every model of a comparison.
+
+DATA: `synthetic` (labels colour/shape, one caption per image), `imagefolder:DIR`, `cifar10:ROOT`,
+`cifar100:ROOT`, a caption table (`.tsv`/`.csv`), or webdataset shards (a `.tar`, a directory, a brace
+pattern) with captions in KEY.txt or a `captions` list in KEY.json, and labels in KEY.json.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
+from torchvision import datasets
+
+from clipfromscratch.data.shards import IMAGE_EXTENSIONS, resolve_shard_urls
+from clipfromscratch.data.synthetic import SyntheticCaptions
+from clipfromscratch.data.tsv import UNREADABLE, CaptionTable
+from clipfromscratch.errors import UsageError
+from clipfromscratch.eval.templates import read_lines
+from clipfromscratch.eval.zeroshot import Template
+
+SYNTHETIC_SIDE = 64  # rendered once for every model, each resizes to its own input
+SYNTHETIC_SAMPLES = 1000
+TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
+CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+
+
+@dataclass
+class LabelledImages:
+    """Images with a class each, for zeroshot, linear_probe, class_agnostic and cluster."""
+
+    classnames: list[str]
+    test: Dataset  # (image, class index)
+    train: Dataset | None  # probes fit here; None: the probe splits `test` itself
+    templates: list[Template] | None = None  # the data's own prompt ensemble, if it has one
+
+
+class _Synthetic(Dataset):
+    """The synthetic data with one label as target (two-object scenes have no class: None), or with its caption."""
+
+    def __init__(self, source: SyntheticCaptions, target: str):
+        self.source = source
+        self.target = target  # "caption" or a label name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int | list[str]] | None:
+        sample = self.source[index]
+        if self.target == "caption":
+            return sample["pixels"], [sample["caption"]]
+        label = sample["labels"][self.target]
+        return None if label < 0 else (sample["pixels"], label)
+
+
+class _Shards(IterableDataset):
+    """(image, target) from shards in order; the target is read from KEY.txt / KEY.json by `target_of`.
+
+    With loader workers each reads its share of the shards and stops at its share of `limit`.
+    """
+
+    def __init__(self, urls: list[str], target_of, limit: int | None):
+        self.urls = urls
+        self.target_of = target_of
+        self.limit = limit
+
+    def __iter__(self):
+        urls = wds.split_by_worker(self.urls)
+        worker = get_worker_info()
+        limit = self.limit if self.limit is None or worker is None else math.ceil(self.limit / worker.num_workers)
+        for count, raw in enumerate(wds.tarfile_samples({"url": url} for url in urls)):
+            if limit is not None and count >= limit:
+                return
+            image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            target = self.target_of(raw)
+            if image_bytes is None or target is None:
+                continue
+            try:
+                with Image.open(io.BytesIO(image_bytes)) as image:
+                    yield image.convert("RGB"), target
+            except UNREADABLE:
+                yield None
+
+
+class _LabelOf:
+    def __init__(self, key: str, classnames: list[str]):
+        self.key = key
+        self.index = {name: i for i, name in enumerate(classnames)}
+
+    def __call__(self, raw: dict) -> int | None:
+        value = _json(raw).get(self.key)
+        return None if value is None else self.index[str(value)]
+
+
+def _json(raw: dict) -> dict:
+    return json.loads(raw["json"]) if "json" in raw else {}
+
+
+def _captions_of(raw: dict) -> list[str] | None:
+    captions = _json(raw).get("captions") or [raw.get("txt", b"").decode("utf-8", errors="replace").strip()]
+    captions = [c for c in captions if c]
+    return captions or None
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of `limit` samples (all when None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    return Subset(dataset, order.sort().values.tolist())
+
+
+def _is_table(spec: str) -> bool:
+    return os.path.splitext(spec)[1].lower() in TABLE_SEPARATORS
+
+
+def _read_classnames(path: str, expected: int) -> list[str]:
+    names = read_lines(path, "class names")
+    if len(names) != expected:
+        raise UsageError(f"{path} has {len(names)} class names, the data has {expected} classes")
+    return names
+
+
+def _imagefolder(root: str, classnames_file: str | None, limit: int | None, seed: int) -> LabelledImages:
+    try:
+        folder = datasets.ImageFolder(root)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise UsageError(f"imagefolder:{root}: {err}") from None
+    names = (_read_classnames(classnames_file, len(folder.classes)) if classnames_file
+             else [c.replace("_", " ") for c in folder.classes])
+    return LabelledImages(names, _subset(folder, limit, seed), None)
+
+
+def _cifar(name: str, root: str, limit: int | None, seed: int, download: bool) -> LabelledImages:
+    try:
+        splits = {train: CIFAR[name](root, train=train, download=download) for train in (True, False)}
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        hint = "" if download else " (add --download to fetch it)"
+        raise UsageError(f"{name}:{root}: {err}{hint}") from None
+    return LabelledImages(splits[False].classes, _subset(splits[False], limit, seed),
+                          _subset(splits[True], limit, seed))
+
+
+def _shard_labels(spec: str, label: str, limit: int | None) -> LabelledImages:
+    urls = resolve_shard_urls(spec)
+    values = set()
+    for raw in wds.tarfile_samples(({"url": url} for url in urls), select_files=lambda n: n.endswith(".json")):
+        value = _json(raw).get(label)
+        if value is not None:
+            values.add(str(value))
+    if not values:
+        raise UsageError(f"no sample in {spec} has '{label}' in its KEY.json")
+    classnames = sorted(values)
+    return LabelledImages(classnames, _Shards(urls, _LabelOf(label, classnames), limit), None)
+
+
+def open_labelled(spec: str, label: str | None = None, classnames_file: str | None = None,
+                  num_samples: int | None = None, seed: int = 0, download: bool = False) -> LabelledImages:
+    """The labelled images DATA names; `label` picks the synthetic attribute or the KEY.json field of shards."""
+    kind, colon, where = spec.partition(":")
+    if spec == "synthetic":
+        tasks = SyntheticCaptions.zeroshot_tasks
+        if label not in tasks:
+            raise UsageError(f"synthetic data has the labels {', '.join(tasks)}: choose one with --label")
+        classnames, templates = tasks[label]
+        n = num_samples or SYNTHETIC_SAMPLES
+        split = {s: _Synthetic(SyntheticCaptions(s, n, seed, SYNTHETIC_SIDE), label) for s in ("train", "val")}
+        return LabelledImages(list(classnames), split["val"], split["train"], list(templates))
+    if colon and kind == "imagefolder":
+        return _imagefolder(where, classnames_file, num_samples, seed)
+    if colon and kind in CIFAR:
+        return _cifar(kind, where, num_samples, seed, download)
+    if _is_table(spec):
+        raise UsageError(f"{spec} is a caption table: it has no labels (use it with the retrieval task)")
+    if label is None:
+        raise UsageError(f"{spec}: give --label, the KEY.json field that holds each image's class")
+    return _shard_labels(spec, label, num_samples)
+
+
+class _TableImages(Dataset):
+    """The distinct images of a caption table, each with all of its captions."""
+
+    def __init__(self, table: CaptionTable):
+        captions = defaultdict(list)
+        for image_id, caption in table.rows:
+            captions[image_id].append(caption)
+        self.paths = table.image_paths
+        self.captions = [captions[i] for i in range(len(self.paths))]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, list[str]] | None:
+        try:
+            with Image.open(self.paths[index]) as image:
+                return image.convert("RGB"), self.captions[index]
+        except UNREADABLE:
+            return None
+
+
+def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> Dataset:
+    """(image, its captions) for every distinct image DATA names, for retrieval."""
+    if spec == "synthetic":
+        return _Synthetic(SyntheticCaptions("val", num_samples or SYNTHETIC_SAMPLES, seed, SYNTHETIC_SIDE), "caption")
+    if spec.partition(":")[0] in ("imagefolder", *CIFAR):
+        raise UsageError(f"{spec} has labels but no captions: retrieval needs a caption table, shards or synthetic")
+    if _is_table(spec):
+        table = CaptionTable(spec, None, separator=TABLE_SEPARATORS[os.path.splitext(spec)[1].lower()])
+        return _subset(_TableImages(table), num_samples, seed)
+    return _Shards(resolve_shard_urls(spec), _captions_of, num_samples)

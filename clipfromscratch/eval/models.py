@@ -1,0 +1,159 @@
+"""One interface for every evaluated model, whatever its family: ours, OpenAI CLIP (transformers), open_clip.
+
+A model SPEC is an export directory or a Lightning `.ckpt` of ours, `openai:<hub name or local dir>`, or
+`openclip:<arch>/<pretrained tag or checkpoint file>`. Adding a family is one function in ADAPTERS.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BatchEncoding, CLIPModel, CLIPProcessor
+
+from clipfromscratch.errors import UsageError
+from clipfromscratch.export import load_model, rebuild_model
+from clipfromscratch.model import CLIP
+from clipfromscratch.tokenizers import tokenize, tokenizer_from_files
+
+
+@dataclass
+class EvalModel:
+    """Encoders return unit vectors; `preprocess` is the model's own PIL -> (3, S, S) transform."""
+
+    name: str
+    encode_image: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) -> (B, D)
+    encode_text: Callable[[list[str]], torch.Tensor]  # B captions -> (B, D)
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Any
+    logit_scale: float
+    device: torch.device
+    weights_mtime: float  # lets caches notice that the same SPEC now names retrained weights
+
+
+def _mtime(path: str) -> float:
+    return os.path.getmtime(path) if os.path.exists(path) else 0.0
+
+
+def from_clip(model: CLIP, name: str, weights_mtime: float = 0.0) -> EvalModel:
+    """Wrap one of our CLIP modules (also used on the live model during training)."""
+    device = model.log_logit_scale.device
+    return EvalModel(name, model.encode_image, model.encode_text, model.preprocess, model.tokenizer,
+                     model.logit_scale().item(), device, weights_mtime)
+
+
+def load_checkpoint(path: str, device: torch.device) -> CLIP:
+    """Our model from a Lightning checkpoint, which carries its config and tokenizer (see CLIPModule)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    if "clip_model_config" not in checkpoint:
+        raise UsageError(f"not a clipfromscratch checkpoint (no model config inside): {path}")
+    model = rebuild_model(checkpoint["clip_model_config"], tokenizer_from_files(checkpoint["clip_tokenizer_files"]),
+                          checkpoint["clip_text_config"])
+    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
+    return model.to(device).eval()
+
+
+def load_clip(path: str, device: torch.device) -> CLIP:
+    """Our model from an export directory or a Lightning checkpoint."""
+    if os.path.isfile(path) and path.endswith(".ckpt"):
+        return load_checkpoint(path, device)
+    if not os.path.isdir(path):
+        raise UsageError(f"unknown model '{path}': give an export directory, a .ckpt file, "
+                         f"openai:<hub name or dir> or openclip:<arch>/<tag>")
+    return load_model(path, device)
+
+
+def load_ours(path: str, device: torch.device) -> EvalModel:
+    return from_clip(load_clip(path, device), path, _mtime(path))
+
+
+def load_openai(source: str, device: torch.device) -> EvalModel:
+    """OpenAI CLIP (or any CLIPModel) through transformers, with the processor saved beside it."""
+    try:
+        model = CLIPModel.from_pretrained(source).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load openai:{source} (offline, or no CLIP model there?): "
+                         f"{str(err).splitlines()[0]}") from None
+    tokenizer, context_length = processor.tokenizer, model.config.text_config.max_position_embeddings
+
+    # the towers' pooled outputs through the projections: the same on transformers v4 and v5
+    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=context_length, return_tensors="pt")
+        pooled = model.text_model(input_ids=tokens["input_ids"].to(device),
+                                  attention_mask=tokens["attention_mask"].to(device)).pooler_output
+        return F.normalize(model.text_projection(pooled), dim=-1)
+
+    def preprocess(image: Image.Image) -> torch.Tensor:
+        return processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    return EvalModel(f"openai:{source}", encode_image, encode_text, preprocess, tokenizer,
+                     model.logit_scale.exp().item(), device, _mtime(source))
+
+
+def load_openclip(spec: str, device: torch.device) -> EvalModel:
+    try:
+        import open_clip
+    except ImportError:
+        raise UsageError("openclip: models need the open_clip_torch package (pip install open_clip_torch)") from None
+    arch, _, pretrained = spec.partition("/")
+    if not arch or not pretrained:
+        raise UsageError(f"openclip:{spec}: write openclip:<arch>/<pretrained tag or checkpoint file>, "
+                         f"e.g. openclip:ViT-B-32/laion2b_s34b_b79k")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise UsageError(f"cannot load openclip:{spec}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    return EvalModel(f"openclip:{spec}", lambda pixels: F.normalize(model.encode_image(pixels), dim=-1),
+                     lambda texts: F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1),
+                     preprocess, tokenizer, model.logit_scale.exp().item(), device, _mtime(pretrained))
+
+
+ADAPTERS: dict[str, Callable[[str, torch.device], EvalModel]] = {"openai": load_openai, "openclip": load_openclip}
+
+
+def load_eval_model(spec: str, device: str | torch.device = "cpu") -> EvalModel:
+    """The model a SPEC names, in eval mode on `device`."""
+    family, colon, rest = spec.partition(":")
+    device = torch.device(device)
+    if colon and family in ADAPTERS:
+        return ADAPTERS[family](rest, device)
+    return load_ours(spec, device)
+
+
+class _BenchmarkModel(torch.nn.Module):
+    """Our CLIP with the encode_text(tokens) signature CLIP_benchmark calls."""
+
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model = model
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def encode_text(self, tokens: BatchEncoding) -> torch.Tensor:
+        return self.model.encode_tokens(tokens["input_ids"], tokens["attention_mask"])
+
+
+def load_clip_benchmark(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
+                        device: str | torch.device = "cpu"):
+    """CLIP_benchmark's loader interface -> (model, transform, tokenizer); `model_name` is our export or .ckpt.
+
+    Register it in CLIP_benchmark's `clip_benchmark/models/__init__.py` TYPE2FUNC; `pretrained` and
+    `cache_dir` are part of that signature and unused here (the weights are in `model_name`).
+    """
+    clip = load_clip(model_name, torch.device(device))
+
+    def tokenizer(texts: list[str]) -> BatchEncoding:
+        return BatchEncoding(tokenize(clip.tokenizer, list(texts), clip.config.context_length))
+
+    return _BenchmarkModel(clip).eval(), clip.preprocess, tokenizer

@@ -1,0 +1,161 @@
+"""The evaluation tasks: each runs one model on one DATA and returns its metrics (and what plots need).
+
+An Evaluation encodes each split once, so running several tasks on one model costs one pass over the images.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from clipfromscratch.errors import UsageError
+from clipfromscratch.eval.class_agnostic import (
+    TEMPERATURES,
+    max_entropy,
+    prompt_logits,
+    softmax_entropy,
+    tempered_probabilities,
+)
+from clipfromscratch.eval.cluster import kmeans_scores
+from clipfromscratch.eval.data import LabelledImages, open_captioned, open_labelled
+from clipfromscratch.eval.embed import encode_images, encode_texts
+from clipfromscratch.eval.models import EvalModel
+from clipfromscratch.eval.probe import TEST_FRACTION, logistic_regression_probe, split, svm_probe
+from clipfromscratch.eval.retrieval import retrieval_recall
+from clipfromscratch.eval.templates import load_prompts, load_templates
+from clipfromscratch.eval.zeroshot import Template, classification_metrics, zeroshot_classifier
+
+
+@dataclass
+class EvalOptions:
+    """Everything a task reads besides the model (the CLI flags of `eval` and `compare`)."""
+
+    data: str = "synthetic"
+    label: str | None = None  # synthetic: colour | shape; shards: the KEY.json field holding the class
+    templates: str | None = None  # simple | openai_imagenet | cifar | FILE (default: the data's own, else simple)
+    classnames: str | None = None  # imagefolder: a file of display names, one per class folder in sorted order
+    prompts: str | None = None  # class-agnostic prompt file (default: the 32 generic prompts)
+    num_samples: int | None = None  # images per split (synthetic: rendered, default 1000; others: a random subset)
+    batch_size: int = 64
+    num_workers: int = 0
+    seed: int = 0
+    download: bool = False  # CIFAR: fetch it when missing (needs the network)
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float]
+    classnames: list[str] | None = None
+    confusion: np.ndarray | None = None  # (C, C), rows true class, columns predicted
+    temperature_curve: list[dict[str, float]] = field(default_factory=list)
+
+
+class Evaluation:
+    """One model on one DATA."""
+
+    def __init__(self, model: EvalModel, options: EvalOptions):
+        self.model = model
+        self.options = options
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @cached_property
+    def labelled(self) -> LabelledImages:
+        o = self.options
+        return open_labelled(o.data, o.label, o.classnames, o.num_samples, o.seed, o.download)
+
+    def image_features(self, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) unit embeddings and (N,) labels of the `train` or `test` split."""
+        if split_name not in self._features:
+            dataset = getattr(self.labelled, split_name)
+            features, labels = encode_images(self.model, dataset, self.options.batch_size, self.options.num_workers)
+            self._features[split_name] = features, torch.tensor(labels, dtype=torch.long)
+        return self._features[split_name]
+
+    @cached_property
+    def prompt_features(self) -> torch.Tensor:
+        return encode_texts(self.model, load_prompts(self.options.prompts))
+
+    def probe_splits(self, to_features: Callable[[torch.Tensor], torch.Tensor]):
+        """(train x, test x, train y, test y) as arrays; data without a train split gives up part of its test."""
+        test_x, test_y = self.image_features("test")
+        if self.labelled.train is None:
+            return split(to_features(test_x).numpy(), test_y.numpy(), TEST_FRACTION, self.options.seed)
+        train_x, train_y = self.image_features("train")
+        return to_features(train_x).numpy(), to_features(test_x).numpy(), train_y.numpy(), test_y.numpy()
+
+
+def zeroshot_logits(model: EvalModel, image_features: torch.Tensor, classnames: Sequence[str],
+                    templates: Sequence[Template]) -> torch.Tensor:
+    """(N, D) images -> (N, C) logits, logit_scale * cosine to each class's prompt-ensemble embedding."""
+    classifier = zeroshot_classifier(lambda texts: encode_texts(model, texts), classnames, templates)
+    return model.logit_scale * image_features @ classifier.t()
+
+
+def retrieval(ev: Evaluation) -> TaskResult:
+    o = ev.options
+    images, captions = encode_images(ev.model, open_captioned(o.data, o.num_samples, o.seed), o.batch_size,
+                                     o.num_workers)
+    texts = [caption for image_captions in captions for caption in image_captions]
+    text_to_image = torch.tensor([i for i, image_captions in enumerate(captions) for _ in image_captions])
+    return TaskResult(retrieval_recall(images, encode_texts(ev.model, texts), text_to_image))
+
+
+def zeroshot(ev: Evaluation) -> TaskResult:
+    data, choice = ev.labelled, ev.options.templates
+    templates = load_templates(choice) if choice else data.templates or load_templates("simple")
+    features, labels = ev.image_features("test")
+    metrics, confusion = classification_metrics(zeroshot_logits(ev.model, features, data.classnames, templates),
+                                                labels, data.classnames)
+    return TaskResult(metrics, data.classnames, confusion)
+
+
+def linear_probe(ev: Evaluation) -> TaskResult:
+    train_x, test_x, train_y, test_y = ev.probe_splits(lambda features: features)
+    metrics = logistic_regression_probe(train_x, train_y, test_x, test_y, ev.options.seed)
+    metrics["svm_acc1"] = svm_probe(train_x, train_y, test_x, test_y)
+    return TaskResult(metrics)
+
+
+def class_agnostic(ev: Evaluation) -> TaskResult:
+    prompts = ev.prompt_features
+    train_x, test_x, train_y, test_y = ev.probe_splits(lambda features: prompt_logits(features, prompts))
+    # the raw cosines as features (the thesis's baseline), then softmax(cosines / tau) for each tau
+    metrics = {"num_prompts": float(len(prompts)), "max_entropy": max_entropy(len(prompts)),
+               "svm_acc1": svm_probe(train_x, train_y, test_x, test_y)}
+    curve = []
+    for tau in TEMPERATURES:
+        train_p, test_p = (tempered_probabilities(torch.from_numpy(x), tau).numpy() for x in (train_x, test_x))
+        point = {"tau": tau, "mean_entropy": softmax_entropy(torch.from_numpy(test_x), tau).mean().item(),
+                 "svm_acc1": svm_probe(train_p, train_y, test_p, test_y)}
+        curve.append(point)
+        metrics.update({f"tau={tau}/mean_entropy": point["mean_entropy"], f"tau={tau}/svm_acc1": point["svm_acc1"]})
+    return TaskResult(metrics, temperature_curve=curve)
+
+
+def cluster(ev: Evaluation) -> TaskResult:
+    features, labels = ev.image_features("test")
+    logits = prompt_logits(features, ev.prompt_features)
+    metrics = {f"image/{k}": v for k, v in kmeans_scores(features.numpy(), labels.numpy(), ev.options.seed).items()}
+    metrics.update({f"class_agnostic/{k}": v
+                    for k, v in kmeans_scores(logits.numpy(), labels.numpy(), ev.options.seed).items()})
+    return TaskResult(metrics)
+
+
+TASKS: dict[str, Callable[[Evaluation], TaskResult]] = {
+    "retrieval": retrieval, "zeroshot": zeroshot, "linear_probe": linear_probe, "class_agnostic": class_agnostic,
+    "cluster": cluster,
+}
+
+
+def check_tasks(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown task '{unknown[0]}': choose from {', '.join(TASKS)}")
+
+
+def run_task(name: str, ev: Evaluation) -> TaskResult:
+    check_tasks([name])
+    return TASKS[name](ev)

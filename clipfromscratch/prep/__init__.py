@@ -1,0 +1,1 @@
+"""Dataset preparation: raw downloads (COCO, Fashion Product Images, any caption table) -> webdataset shards."""

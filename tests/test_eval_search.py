@@ -1,0 +1,87 @@
+"""Text-to-image search: the planted image comes first, and the folder's embeddings are cached by mtime."""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from clipfromscratch.cli import main
+from clipfromscratch.eval.models import EvalModel
+from clipfromscratch.eval.search import contact_sheet, folder_embeddings, search
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 230), "grey": (128, 128, 128)}
+
+
+class ColourModel:
+    """A model whose embedding of an image is its mean colour and of a word the colour it names."""
+
+    def __init__(self):
+        self.images_encoded = 0
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.images_encoded += len(pixels)
+        return F.normalize(pixels.mean((2, 3)) - 0.5, dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(torch.tensor([COLOURS[t] for t in texts], dtype=torch.float) / 255 - 0.5, dim=-1)
+
+    def as_eval_model(self) -> EvalModel:
+        return EvalModel("colours", self.encode_image, self.encode_text, TF.to_tensor, None, 1.0,
+                         torch.device("cpu"), 0.0)
+
+
+def _folder(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, colour in enumerate(["green", "blue", "grey", "green", "blue"]):
+        Image.new("RGB", (24, 20), COLOURS[colour]).save(folder / f"{i}_{colour}.png")
+    Image.new("RGB", (24, 20), (210, 40, 30)).save(folder / "sub" / "planted.jpg")  # nearly red
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_search_finds_the_planted_image_and_reuses_the_cache(tmp_path):
+    folder, cache = _folder(tmp_path), tmp_path / "cache"
+    colours = ColourModel()
+    model = colours.as_eval_model()
+    hits = search(model, str(folder), "red", k=3, cache_dir=str(cache))
+    assert hits[0]["path"].endswith("planted.jpg") and hits[0]["rank"] == 1
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert colours.images_encoded == 6
+
+    assert search(model, str(folder), "blue", k=2, cache_dir=str(cache))[0]["path"].endswith("blue.png")
+    assert colours.images_encoded == 6  # the second query encoded nothing
+
+    # a changed file is encoded again, and only that one
+    Image.new("RGB", (24, 20), COLOURS["red"]).save(folder / "2_grey.png")
+    os.utime(folder / "2_grey.png", (1e9, 1e9))
+    paths, features = folder_embeddings(model, str(folder), str(cache))
+    assert colours.images_encoded == 7 and len(paths) == len(features) == 6
+    assert search(model, str(folder), "red", k=1, cache_dir=str(cache))[0]["path"].endswith("2_grey.png")
+
+    # a corrupt file added later is left out; the rest still answers from the cache
+    (folder / "corrupt.jpg").write_bytes(b"not a jpeg")
+    assert search(model, str(folder), "red", k=9, cache_dir=str(cache))[0]["path"].endswith("2_grey.png")
+    assert colours.images_encoded == 7
+
+    sheet = tmp_path / "sheet.png"
+    contact_sheet(hits, "red", str(sheet))
+    with Image.open(sheet) as image:
+        assert image.width == 2 * 192  # 3 hits -> 2 columns, 2 rows
+
+
+def test_search_command_with_our_model(tmp_path, capsys):
+    from test_eval_models import export_tiny_ours
+
+    folder, export = _folder(tmp_path), export_tiny_ours(tmp_path / "export")
+    args = ["search", "--model", export, "--images", str(folder), "--query", "a red circle", "-k", "4",
+            "--sheet", str(tmp_path / "top.png"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4] and os.path.isfile(tmp_path / "top.png")
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+    assert main([*args[:4], str(tmp_path / "nowhere"), *args[5:]]) == 2
+    assert "error: image folder not found" in capsys.readouterr().err

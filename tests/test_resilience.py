@@ -1,0 +1,114 @@
+"""Runs that lose nothing: kill -9 then --resume, checkpoints that a crash mid-save cannot corrupt, NaN losses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec.implementations.local
+import pytest
+import torch
+
+import clipfromscratch.lit_module
+from clipfromscratch.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image-size", "32", "--batch-size", "16", "--embed-dim", "32", "--num-workers", "0",
+        "--synthetic-train-samples", "512", "--synthetic-val-samples", "32", "--warmup-steps", "2"]
+
+
+def _step(ckpt: str) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+
+
+def _final_step(run: str) -> int:
+    with open(os.path.join(run, "metrics.json")) as f:
+        return json.load(f)["step"]
+
+
+def test_kill_9_then_resume_completes_the_run(tmp_path):
+    run = str(tmp_path / "run")
+    args = ["--output-dir", run, "--max-steps", "80", "--val-every-n-steps", "80", "--checkpoint-every-n-steps", "5",
+            *TINY]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(run, "last.ckpt")
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.isfile(last):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert 5 <= _step(last) < 80
+    assert main(["--resume", run]) == 0
+    assert _final_step(run) == 80 == _step(last)
+
+
+def test_sigterm_saves_the_step_it_stopped_at(tmp_path):
+    run = str(tmp_path / "run")
+    log = tmp_path / "stdout.txt"
+    args = ["--output-dir", run, "--max-steps", "5000", "--val-every-n-steps", "5000", "--checkpoint-every-n-steps",
+            "7", *TINY]
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path, stdout=stdout,
+                                stderr=subprocess.DEVNULL)
+        last = os.path.join(run, "last.ckpt")
+        deadline = time.monotonic() + 120
+        while not os.path.isfile(last):  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    message = next(line for line in log.read_text().splitlines() if line.startswith("SIGTERM at step"))
+    assert message.split()[3].rstrip(":") == str(_step(last))
+    assert _step(last) >= 7
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    real_write = fsspec.implementations.local.LocalFileOpener.write
+    saves = []
+
+    def write_then_crash_on_the_second_save(self, data):
+        saves.append(len(data))
+        if len(saves) == 2:
+            real_write(self, data[:len(data) // 2])
+            raise OSError("disk full")
+        return real_write(self, data)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_then_crash_on_the_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        main(["--output-dir", run, "--max-steps", "20", "--val-every-n-steps", "20", "--checkpoint-every-n-steps", "5",
+              *TINY])
+    assert _step(os.path.join(run, "last.ckpt")) == 5
+    assert sorted(os.listdir(run)) == ["config.yaml", "last.ckpt", "logs"]  # no half-written file beside it
+
+
+@pytest.fixture
+def nan_at_step_3(monkeypatch):
+    real_loss = clipfromscratch.lit_module.clip_loss
+    calls = []
+
+    def loss_with_one_nan(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(clipfromscratch.lit_module, "clip_loss", loss_with_one_nan)
+
+
+def test_a_nan_loss_stops_the_run_with_one_line_naming_the_step(tmp_path, capsys, nan_at_step_3):
+    assert main(["--output-dir", str(tmp_path / "run"), "--max-steps", "8", "--val-every-n-steps", "8", *TINY]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: non-finite loss at step 3") and len(err.splitlines()) == 1, err
+
+
+def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, capsys, nan_at_step_3):
+    run = str(tmp_path / "run")
+    assert main(["--output-dir", run, "--max-steps", "8", "--val-every-n-steps", "8", "--skip-nonfinite",
+                 *TINY]) == 0
+    assert _final_step(run) == 8  # the skipped batch took no optimizer step: one more batch made up for it
+    assert "skipped 1 step with a non-finite loss" in capsys.readouterr().out
