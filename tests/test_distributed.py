@@ -72,7 +72,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, towers_and_ba
     towers, batch = towers_and_batch
     torch.save(towers, tmp_path / "towers.pt")
     torch.save(batch, tmp_path / "batch.pt")
-    mp.start_processes(_rank, args=(str(tmp_path), sizes), nprocs=len(sizes), start_method="fork")
+    mp.start_processes(_rank, args=(str(tmp_path), sizes), nprocs=len(sizes), start_method="spawn")
 
     expected_loss, expected_grads = _loss_and_grads(towers, batch)
     for rank in range(len(sizes)):
