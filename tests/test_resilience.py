@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import clipfromscratch.lit_module
-from clipfromscratch.cli import main
+from clipfromscratch.cli import _resume_checkpoint, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "32", "--batch-size", "16", "--embed-dim", "32", "--num-workers", "0",
@@ -112,3 +112,12 @@ def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, capsys, nan_at_step_
                  *TINY]) == 0
     assert _final_step(run) == 8  # the skipped batch took no optimizer step: one more batch made up for it
     assert "skipped 1 step with a non-finite loss" in capsys.readouterr().out
+
+
+def test_resume_takes_the_newest_of_last_and_a_preemption_checkpoint(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"")
+    os.utime(tmp_path / "last.ckpt", (1, 1))
+    assert _resume_checkpoint(str(tmp_path)) == str(tmp_path / "hpc_ckpt_3.ckpt")
+    os.utime(tmp_path / "hpc_ckpt_3.ckpt", (0, 0))
+    assert _resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt")
