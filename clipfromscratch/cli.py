@@ -1,4 +1,4 @@
-"""`python train.py ...` and `clipfromscratch train ...`: flags and YAML -> data, model, Trainer -> a trained, exported run."""
+"""`python train.py ...` and `clipfromscratch train ...`: flags and YAML -> data, model, Trainer -> a trained run."""
 from __future__ import annotations
 
 import glob

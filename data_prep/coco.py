@@ -1,4 +1,4 @@
-"""COCO captions -> webdataset shards: `python data_prep/coco.py --annotations DIR --images DIR [--karpathy FILE] --output DIR`."""
+"""COCO captions -> shards: `python data_prep/coco.py --annotations DIR --images DIR [--karpathy FILE] --output DIR`."""
 import sys
 
 from clipfromscratch.prep.coco import main

@@ -1,4 +1,4 @@
-"""Fashion Product Images -> webdataset shards: `python data_prep/fashion.py --styles FILE --images DIR --output DIR`."""
+"""Fashion Product Images -> shards: `python data_prep/fashion.py --styles FILE --images DIR --output DIR`."""
 import sys
 
 from clipfromscratch.prep.fashion import main

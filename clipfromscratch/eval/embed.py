@@ -31,7 +31,8 @@ class Preprocess:
 def encode_images(model: EvalModel, dataset: Dataset, batch_size: int = 64, num_workers: int = 0
                   ) -> tuple[torch.Tensor, list]:
     """A dataset of (PIL image, target) -> (N, D) unit image embeddings on the CPU and the N targets."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=Preprocess(model.preprocess))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=Preprocess(model.preprocess))
     features, targets = [], []
     for pixels, batch_targets in loader:
         if batch_targets:
@@ -45,4 +46,5 @@ def encode_images(model: EvalModel, dataset: Dataset, batch_size: int = 64, num_
 @torch.inference_mode()
 def encode_texts(model: EvalModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Captions -> (T, D) unit text embeddings on the CPU."""
-    return torch.cat([model.encode_text(texts[i:i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
+    batches = (texts[i:i + batch_size] for i in range(0, len(texts), batch_size))
+    return torch.cat([model.encode_text(batch).float().cpu() for batch in batches])

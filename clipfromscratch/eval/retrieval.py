@@ -20,7 +20,7 @@ def _hits_at_k(queries: torch.Tensor, keys: torch.Tensor, is_match, k_max: int) 
 
 
 def first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) keys -> (K,) row of each distinct key's first occurrence (keys in sorted order), (N,) each row's key number."""
+    """(N,) keys -> (K,) row of each distinct key's first occurrence (keys sorted), (N,) each row's key number."""
     _, inverse = torch.unique(keys, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), keys.numel(), device=keys.device)
     first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
