@@ -21,10 +21,10 @@ from clipfromscratch.data.datamodule import CaptionDataModule
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.callback import ZeroShotCallback
 from clipfromscratch.eval.tasks import EvalOptions
-from clipfromscratch.export import export_model, rebuild_model
+from clipfromscratch.export import export_model, model_from_checkpoint
 from clipfromscratch.lit_module import MONITOR, CLIPModule
 from clipfromscratch.model import build_model, resolve_image_size
-from clipfromscratch.tokenizers import make_tokenizer, tokenizer_from_files
+from clipfromscratch.tokenizers import make_tokenizer
 
 LAST_CKPT = "last.ckpt"
 RUN_STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
@@ -114,8 +114,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         config.csv_img_key, config.csv_caption_key, config.csv_separator,
         config.shuffle_buffer, config.dataset_resampled, config.train_num_samples)
     if checkpoint is not None:
-        model = rebuild_model(checkpoint["clip_model_config"], tokenizer_from_files(checkpoint["clip_tokenizer_files"]),
-                              checkpoint["clip_text_config"])
+        model = model_from_checkpoint(checkpoint)
     else:
         tokenizer = make_tokenizer(config.text_encoder, config.pretrained_text, config.model_size,
                                    data.train_captions(), data.tokenizer_cache_dir)

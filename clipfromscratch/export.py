@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.errors import UsageError
 from clipfromscratch.model import CLIP, build_model
-from clipfromscratch.tokenizers import load_tokenizer
+from clipfromscratch.tokenizers import load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
 
@@ -24,6 +24,20 @@ def rebuild_model(model_config: dict, tokenizer, text_config: dict) -> CLIP:
     config = replace(ModelConfig(**model_config), pretrained_image=False, pretrained_text=False)
     text_config = dict(text_config)
     return build_model(config, tokenizer, AutoConfig.for_model(text_config.pop("model_type"), **text_config))
+
+
+def checkpoint_entries(model: CLIP) -> dict:
+    """What a Lightning checkpoint carries besides the weights to rebuild `model`: its config and exact tokenizer."""
+    return {"clip_model_config": asdict(model.config), "clip_tokenizer_files": tokenizer_to_files(model.tokenizer),
+            "clip_text_config": model.text_tower.backbone.config.to_dict()}
+
+
+def model_from_checkpoint(checkpoint: dict) -> CLIP:
+    """The architecture a checkpoint with `checkpoint_entries` describes, with random weights."""
+    if "clip_model_config" not in checkpoint:
+        raise UsageError("not a clipfromscratch checkpoint (no model config inside)")
+    return rebuild_model(checkpoint["clip_model_config"], tokenizer_from_files(checkpoint["clip_tokenizer_files"]),
+                         checkpoint["clip_text_config"])
 
 
 def export_model(model: CLIP, directory: str) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
@@ -11,9 +10,9 @@ from torch.utils.checkpoint import checkpoint
 
 from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+from clipfromscratch.export import checkpoint_entries
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP
-from clipfromscratch.tokenizers import tokenizer_to_files
 
 MONITOR = "val/mean_recall@1"  # what "best" means for checkpoints, plateau and early stopping
 
@@ -142,7 +141,4 @@ class CLIPModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # every checkpoint carries what it takes to rebuild the model: its config and its exact tokenizer
-        checkpoint["clip_model_config"] = asdict(self.model.config)
-        checkpoint["clip_tokenizer_files"] = tokenizer_to_files(self.model.tokenizer)
-        checkpoint["clip_text_config"] = self.model.text_tower.backbone.config.to_dict()
+        checkpoint.update(checkpoint_entries(self.model))

@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipfromscratch.data.shards import IMAGE_EXTENSIONS, resolve_shard_urls, sample_captions
+from clipfromscratch.data.shards import is_remote, resolve_shard_urls, sample_captions, sample_image
 from clipfromscratch.data.tsv import UNREADABLE
 from clipfromscratch.errors import UsageError
 
@@ -43,7 +43,7 @@ class IndexedShards(torch.utils.data.Dataset):
         self.skipped = 0
         self._last: tuple[int, torch.Tensor | Image.Image] | None = None
         for url in resolve_shard_urls(spec):
-            if "://" in url or url.startswith("pipe:"):
+            if is_remote(url):
                 raise UsageError(f"evaluation shards must be local files (random access), got {url}")
             self._index(url)
         if not self.rows:
@@ -64,7 +64,7 @@ class IndexedShards(torch.utils.data.Dataset):
             log.warning("skipping unreadable shard data in %s: %s", url, exn)
             return
         for key, found in members.items():
-            image = next((found[ext] for ext in IMAGE_EXTENSIONS if ext in found), None)
+            image = sample_image(found)
             captions = sample_captions(texts[key])
             if image is None or not captions:
                 self.skipped += 1

@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
@@ -42,12 +42,17 @@ def resolve_shard_urls(spec: str) -> list[str]:
             urls.extend(found)
         else:
             urls.append(url)
-    missing = [url for url in urls if not _is_remote(url) and not os.path.isfile(url)]
+    missing = [url for url in urls if not is_remote(url) and not os.path.isfile(url)]
     if len(missing) == 1:
         raise UsageError(f"shard not found: {missing[0]}")
     if missing:
         raise UsageError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} shards missing)")
     return urls
+
+
+def sample_image(sample: dict):
+    """A sample's image entry (KEY.jpg, .jpeg, .png or .webp: bytes, or a tar member), None if it has none."""
+    return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
 def sample_captions(raw: dict) -> list[str]:
@@ -156,7 +161,7 @@ class CaptionShards(torch.utils.data.IterableDataset):
 
     def tokenizer_cache_dir(self) -> str | None:
         """Where tokenizers trained on these shards' captions are kept: beside the shards, named by their contents."""
-        if any(_is_remote(url) for url in self.urls) or len({os.path.dirname(url) for url in self.urls}) != 1:
+        if any(is_remote(url) for url in self.urls) or len({os.path.dirname(url) for url in self.urls}) != 1:
             return None
         fingerprint = hashlib.blake2b(digest_size=6)
         for url in self.urls:
@@ -164,7 +169,7 @@ class CaptionShards(torch.utils.data.IterableDataset):
         return os.path.join(os.path.dirname(self.urls[0]), "tokenizers", fingerprint.hexdigest())
 
     def _sample(self, raw: dict, caption_rng: random.Random) -> dict | None:
-        image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        image_bytes = sample_image(raw)
         captions = sample_captions(raw)
         if image_bytes is None:
             return self._skip(raw, "no image")

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import datasets
 
-from clipfromscratch.data.shards import IMAGE_EXTENSIONS, resolve_shard_urls
+from clipfromscratch.data.shards import resolve_shard_urls, sample_captions, sample_image
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.tsv import UNREADABLE, CaptionTable
 from clipfromscratch.errors import UsageError
@@ -81,7 +81,7 @@ class _Shards(IterableDataset):
         for count, raw in enumerate(wds.tarfile_samples({"url": url} for url in urls)):
             if limit is not None and count >= limit:
                 return
-            image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            image_bytes = sample_image(raw)
             target = self.target_of(raw)
             if image_bytes is None or target is None:
                 continue
@@ -107,9 +107,7 @@ def _json(raw: dict) -> dict:
 
 
 def _captions_of(raw: dict) -> list[str] | None:
-    captions = _json(raw).get("captions") or [raw.get("txt", b"").decode("utf-8", errors="replace").strip()]
-    captions = [c for c in captions if c]
-    return captions or None
+    return sample_captions(raw) or None
 
 
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -187,25 +185,30 @@ def open_labelled(spec: str, label: str | None = None, classnames_file: str | No
     return _shard_labels(spec, label, num_samples)
 
 
-class _TableImages(Dataset):
-    """The distinct images of a caption table, each with all of its captions."""
+class ImageFiles(Dataset):
+    """(PIL image, target) for image files and one target each; None for a file that cannot be read."""
 
-    def __init__(self, table: CaptionTable):
-        captions = defaultdict(list)
-        for image_id, caption in table.rows:
-            captions[image_id].append(caption)
-        self.paths = table.image_paths
-        self.captions = [captions[i] for i in range(len(self.paths))]
+    def __init__(self, paths: list[str], targets: list):
+        self.paths = paths
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, list[str]] | None:
+    def __getitem__(self, index: int) -> tuple[Image.Image, object] | None:
         try:
             with Image.open(self.paths[index]) as image:
-                return image.convert("RGB"), self.captions[index]
+                return image.convert("RGB"), self.targets[index]
         except UNREADABLE:
             return None
+
+
+def _table_images(table: CaptionTable) -> ImageFiles:
+    """The distinct images of a caption table, each with all of its captions."""
+    captions = defaultdict(list)
+    for image_id, caption in table.rows:
+        captions[image_id].append(caption)
+    return ImageFiles(table.image_paths, [captions[i] for i in range(len(table.image_paths))])
 
 
 def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> Dataset:
@@ -216,5 +219,5 @@ def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> 
         raise UsageError(f"{spec} has labels but no captions: retrieval needs a caption table, shards or synthetic")
     if _is_table(spec):
         table = CaptionTable(spec, None, separator=TABLE_SEPARATORS[os.path.splitext(spec)[1].lower()])
-        return _subset(_TableImages(table), num_samples, seed)
+        return _subset(_table_images(table), num_samples, seed)
     return _Shards(resolve_shard_urls(spec), _captions_of, num_samples)

@@ -16,9 +16,9 @@ from PIL import Image
 from transformers import BatchEncoding, CLIPModel, CLIPProcessor
 
 from clipfromscratch.errors import UsageError
-from clipfromscratch.export import load_model, rebuild_model
+from clipfromscratch.export import load_model, model_from_checkpoint
 from clipfromscratch.model import CLIP
-from clipfromscratch.tokenizers import tokenize, tokenizer_from_files
+from clipfromscratch.tokenizers import tokenize
 
 
 @dataclass
@@ -49,10 +49,10 @@ def from_clip(model: CLIP, name: str, weights_mtime: float = 0.0) -> EvalModel:
 def load_checkpoint(path: str, device: torch.device) -> CLIP:
     """Our model from a Lightning checkpoint, which carries its config and tokenizer (see CLIPModule)."""
     checkpoint = torch.load(path, map_location=device, weights_only=False)
-    if "clip_model_config" not in checkpoint:
-        raise UsageError(f"not a clipfromscratch checkpoint (no model config inside): {path}")
-    model = rebuild_model(checkpoint["clip_model_config"], tokenizer_from_files(checkpoint["clip_tokenizer_files"]),
-                          checkpoint["clip_text_config"])
+    try:
+        model = model_from_checkpoint(checkpoint)
+    except UsageError as err:
+        raise UsageError(f"{err}: {path}") from None
     model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
     return model.to(device).eval()
 

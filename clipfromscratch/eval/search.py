@@ -11,10 +11,9 @@ import os
 
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
 
-from clipfromscratch.data.tsv import UNREADABLE
 from clipfromscratch.errors import UsageError
+from clipfromscratch.eval.data import ImageFiles
 from clipfromscratch.eval.embed import encode_images, encode_texts
 from clipfromscratch.eval.models import EvalModel
 
@@ -22,21 +21,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "clipfromscratch", "search")
 THUMBNAIL = 192
 CAPTION_HEIGHT = 18
-
-
-class _Files(Dataset):
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, str] | None:
-        try:
-            with Image.open(self.paths[index]) as image:
-                return image.convert("RGB"), self.paths[index]
-        except UNREADABLE:
-            return None
 
 
 def list_images(directory: str) -> list[str]:
@@ -65,7 +49,7 @@ def folder_embeddings(model: EvalModel, directory: str, cache_dir: str = DEFAULT
     stale = [p for p in paths if p not in known or known[p][0] != mtimes[p]]
     if stale:
         try:
-            features, encoded = encode_images(model, _Files(stale), batch_size, num_workers)
+            features, encoded = encode_images(model, ImageFiles(stale, stale), batch_size, num_workers)
         except UsageError:  # every new or changed file is unreadable: the cached ones still answer
             features, encoded = [], []
         known.update({p: (mtimes[p], f) for p, f in zip(encoded, features)})
