@@ -75,6 +75,13 @@ class CaptionTable(torch.utils.data.Dataset):
             return None
         return {"pixels": self.transform(rgb) if self.transform else rgb, "caption": caption, "image_id": image_id}
 
+    def captions_per_image(self) -> list[list[str]]:
+        """For each image (by image_id) all of its captions, in table order."""
+        captions: list[list[str]] = [[] for _ in self.image_paths]
+        for image_id, caption in self.rows:
+            captions[image_id].append(caption)
+        return captions
+
     def captions(self) -> Iterator[str]:
         """Every caption in table order (no images are read)."""
         for _, caption in self.rows:

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -203,14 +202,6 @@ class ImageFiles(Dataset):
             return None
 
 
-def _table_images(table: CaptionTable) -> ImageFiles:
-    """The distinct images of a caption table, each with all of its captions."""
-    captions = defaultdict(list)
-    for image_id, caption in table.rows:
-        captions[image_id].append(caption)
-    return ImageFiles(table.image_paths, [captions[i] for i in range(len(table.image_paths))])
-
-
 def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> Dataset:
     """(image, its captions) for every distinct image DATA names, for retrieval."""
     if spec == "synthetic":
@@ -219,5 +210,6 @@ def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> 
         raise UsageError(f"{spec} has labels but no captions: retrieval needs a caption table, shards or synthetic")
     if _is_table(spec):
         table = CaptionTable(spec, None, separator=TABLE_SEPARATORS[os.path.splitext(spec)[1].lower()])
-        return _subset(_table_images(table), num_samples, seed)
+        # the distinct images of the table, each with all of its captions
+        return _subset(ImageFiles(table.image_paths, table.captions_per_image()), num_samples, seed)
     return _Shards(resolve_shard_urls(spec), _captions_of, num_samples)

@@ -17,9 +17,7 @@ def table_splits(path: str, split: str, img_key: str, caption_key: str, separato
     if separator is None:
         separator = "," if path.lower().endswith(".csv") else "\t"
     table = CaptionTable(path, None, img_key, caption_key, separator)
-    captions: list[list[str]] = [[] for _ in table.image_paths]
-    for image_id, caption in table.rows:
-        captions[image_id].append(caption)
+    captions = table.captions_per_image()
     folder = os.path.dirname(os.path.abspath(path))
     items = [writer.Item(f"{image_id:09d}", image, tuple(captions[image_id]),
                        {"file_name": os.path.relpath(image, folder)})
