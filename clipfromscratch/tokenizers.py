@@ -80,12 +80,12 @@ def make_tokenizer(text_encoder: str, pretrained: bool, size: str, captions: Ite
         base = load_tokenizer(pretrained_source(text_encoder))
         return _ready(base.train_new_from_iterator(iter(captions), vocab_size=base.vocab_size))
     vocab_size = family.presets[size].get("vocab_size") or AutoConfig.for_model(family.model_type).vocab_size
-    if cache_dir is None:
-        return _ready(TRAINERS[family.tokenizer_kind](iter(captions), vocab_size))
-    cached = os.path.join(cache_dir, f"{family.tokenizer_kind}-{vocab_size}")
-    if os.path.isdir(cached):
+    cached = None if cache_dir is None else os.path.join(cache_dir, f"{family.tokenizer_kind}-{vocab_size}")
+    if cached is not None and os.path.isdir(cached):
         return load_tokenizer(cached)
     tok = _ready(TRAINERS[family.tokenizer_kind](iter(captions), vocab_size))
+    if cached is None:
+        return tok
     try:
         os.makedirs(cache_dir, exist_ok=True)
         partial = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
