@@ -4,4 +4,4 @@ import sys
 from clipfromscratch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

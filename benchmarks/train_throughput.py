@@ -9,12 +9,17 @@ medians over rounds, and ratios and fractions of peak are medians of the per-rou
 - openclip: open_clip's CLIP + `open_clip.ClipLoss` + the same fused AdamW, stepped as `open_clip_train` does
   (cosine LR, zero_grad, forward, loss, backward, step, clamp the logit scale);
 - demo: ours on the CPU demo config (configs/demo_cpu.yaml: tiny ViT + tiny BERT at 32 px) and its synthetic batches.
-The equal-FLOP pair: ViT width 192, 6 layers, 3 heads, patch 16 at 64 px; causal text transformer width 192,
-6 layers, 3 heads, context 32 (every caption fills it); embed 128; vocabulary 49408 on both sides; fp32.
-FLOPs of a step (forward + backward) come from FlopCounterMode; the peak is the best 2048x2048 fp32 matmul rate
-of each round, at the same thread count. Prints one JSON line.
+The pairs, the same architecture on both sides (`--pair`): `small` (the default, equal FLOPs): ViT width 192,
+6 layers, 3 heads, patch 16 at 64 px; causal text transformer width 192, 6 layers, 3 heads, context 32; embed 128.
+`vit-b-16`: CLIP ViT-B/16's sizes: ViT width 768, 12 layers, 12 heads, patch 16 at 224 px; text width 512,
+12 layers, 8 heads, context 77; embed 512. Every caption fills the context; vocabulary 49408 on both sides.
+`--device cuda --precision bf16-mixed` runs both sides on a GPU under bf16 autocast (open_clip_train's
+`--precision amp_bf16`), synchronising before each clock reading.
+FLOPs of a step (forward + backward) come from FlopCounterMode; the peak is the best square matmul rate of each
+round at the step's precision (2048 fp32 on CPU; 8192 on a GPU). Prints one JSON line.
 
     python benchmarks/train_throughput.py [--rounds 7] [--steps 6] [--warmup 2] [--batch-size 64]
+    python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --pair vit-b-16 --batch-size 256
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import open_clip
 import pytorch_lightning as pl
@@ -49,26 +55,62 @@ from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
 from clipfromscratch.tokenizers import make_tokenizer
 
-PAIR = ModelConfig(
-    image_encoder="vit", image_size=64, image_overrides={"embed_dim": 192, "depth": 6, "num_heads": 3, "patch_size": 16},
-    text_encoder="gpt2", text_overrides={"n_embd": 192, "n_layer": 6, "n_head": 3}, context_length=32, embed_dim=128)
-# open_clip's (CLIP's BPE) vocabulary on both sides: the token embedding is most of the 15M parameters, so it
-# sets the optimizer's cost; our tokenizer trained on synthetic captions would have only a few hundred tokens
+
+@dataclass(frozen=True)
+class Pair:
+    """One model size, built alike on both sides: a ViT and a causal text transformer."""
+
+    image_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    context_length: int
+    embed_dim: int
+    patch_size: int = 16
+
+    def ours(self) -> ModelConfig:
+        return ModelConfig(
+            image_encoder="vit", image_size=self.image_size,
+            image_overrides={"embed_dim": self.vision_width, "depth": self.vision_layers,
+                             "num_heads": self.vision_heads, "patch_size": self.patch_size},
+            text_encoder="gpt2",
+            text_overrides={"n_embd": self.text_width, "n_layer": self.text_layers, "n_head": self.text_heads},
+            context_length=self.context_length, embed_dim=self.embed_dim)
+
+
+PAIRS = {"small": Pair(64, 192, 6, 3, 192, 6, 3, 32, 128), "vit-b-16": Pair(224, 768, 12, 12, 512, 12, 8, 77, 512)}
+# open_clip's (CLIP's BPE) vocabulary on both sides: the token embedding is most of the small pair's 15M parameters,
+# so it sets the optimizer's cost; our tokenizer trained on synthetic captions would have only a few hundred tokens
 PAIR_VOCAB = 49408
 DEFAULTS = TrainConfig()
-LR = DEFAULTS.lr
-WARMUP_STEPS = DEFAULTS.warmup_steps
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a GPU step is only over when its kernels are."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast of a Lightning precision, for the loops that step without Lightning."""
+    if precision == "32-true":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
 
 
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
-    """Send file descriptor 1 to stderr: the tokenizers trainer (Rust) prints blank progress lines straight to it,
-    and stdout is for the results."""
+    """Send standard output to stderr, Python's and file descriptor 1's: the tokenizers trainer (Rust) prints blank
+    progress lines straight to the descriptor, Lightning's tables to sys.stdout, and stdout is for the results."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
@@ -83,30 +125,30 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
 
 
-def pair_model() -> CLIP:
-    """Our equal-FLOP model, built through `build_model` as the CLI builds it, with the open_clip vocabulary."""
+def pair_model(pair: Pair = PAIRS["small"]) -> CLIP:
+    """Our model of `pair`, built through `build_model` as the CLI builds it, with the open_clip vocabulary."""
     tokenizer = make_tokenizer("gpt2", False, "tiny", SyntheticCaptions("train", 1000, 0, 64).captions())
     special_ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
-    hf_config = text_config("gpt2", "tiny", PAIR.text_overrides, PAIR_VOCAB, special_ids)
-    return build_model(PAIR, tokenizer, hf_config)
+    config = pair.ours()
+    hf_config = text_config("gpt2", "tiny", config.text_overrides, PAIR_VOCAB, special_ids)
+    return build_model(config, tokenizer, hf_config)
 
 
-def pair_batches(count: int, batch_size: int, seed: int = 0) -> list[dict]:
+def pair_batches(count: int, batch_size: int, seed: int = 0, pair: Pair = PAIRS["small"]) -> list[dict]:
     """Noise images and full-length captions ending in the highest token id: open_clip's argmax pooling and our
-    last-real-token pooling read the same position, and both towers see all 32 positions."""
+    last-real-token pooling read the same position, and both towers see every position."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        ids = torch.randint(0, PAIR_VOCAB - 1, (batch_size, PAIR.context_length), generator=generator)
+        ids = torch.randint(0, PAIR_VOCAB - 1, (batch_size, pair.context_length), generator=generator)
         ids[:, -1] = PAIR_VOCAB - 1
-        pixels = torch.randn(batch_size, 3, PAIR.image_size, PAIR.image_size, generator=generator)
+        pixels = torch.randn(batch_size, 3, pair.image_size, pair.image_size, generator=generator)
         batches.append({"pixels": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return batches
 
 
 def clip_module(model: CLIP, accum_freq: int = 1, lr_schedule: str = "cosine") -> CLIPModule:
-    return CLIPModule(model, LR, DEFAULTS.weight_decay, WARMUP_STEPS, lr_schedule, DEFAULTS.plateau_patience,
-                      DEFAULTS.plateau_factor, accum_freq=accum_freq)
+    return CLIPModule(model, replace(DEFAULTS.optim, accum_freq=accum_freq, lr_schedule=lr_schedule))
 
 
 class StepClock(pl.Callback):
@@ -116,11 +158,13 @@ class StepClock(pl.Callback):
         self.ends: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
         self.ends.append(time.perf_counter())
 
 
 def lightning_step_times(module: CLIPModule, batches: list[dict], steps: int, warmup: int,
-                         gradient_clip_val: float | None = None, devices: int = 1) -> list[float]:
+                         gradient_clip_val: float | None = None, devices: int = 1, accelerator: str = "cpu",
+                         precision: str = "32-true") -> list[float]:
     """Seconds of each of `steps` steps of `trainer.fit` after `warmup` steps; a new Trainer (and optimizer) per call.
 
     With `devices` > 1 this process must already be one rank of a torch.distributed job (LOCAL_RANK etc. set);
@@ -128,64 +172,74 @@ def lightning_step_times(module: CLIPModule, batches: list[dict], steps: int, wa
     """
     clock = StepClock()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=warmup + steps,
-        logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=gradient_clip_val, callbacks=[clock],
-        use_distributed_sampler=False)
+        accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto", precision=precision,
+        max_steps=warmup + steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=gradient_clip_val,
+        callbacks=[clock], use_distributed_sampler=False)
     # the same few batches again and again, in one epoch: no epoch-end hooks inside the timed steps
     loader = DataLoader([batches[i % len(batches)] for i in range(warmup + steps)], batch_size=None)
     trainer.fit(module, loader)
     return [b - a for a, b in zip(clock.ends[warmup - 1:], clock.ends[warmup:])]
 
 
-def timed_loop(step: Callable[[dict], None], batches: list[dict], steps: int, warmup: int) -> list[float]:
+def timed_loop(step: Callable[[dict], None], batches: list[dict], steps: int, warmup: int,
+               device: torch.device = torch.device("cpu")) -> list[float]:
     ends = []
     for i in range(warmup + steps):
         step(batches[i % len(batches)])
+        synchronize(device)
         ends.append(time.perf_counter())
     return [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
 
 
-def plain_step(model: CLIP) -> Callable[[dict], None]:
+def plain_step(model: CLIP, precision: str = "32-true") -> Callable[[dict], None]:
     """Our model, loss and fused AdamW (constant LR) in a bare loop: what the step costs without Lightning."""
     module = clip_module(model, lr_schedule="constant")
     optimizer = module.configure_optimizers()
+    device = model.log_logit_scale.device
 
     def step(batch: dict) -> None:
         optimizer.zero_grad()
-        our_loss(module, batch).backward()
+        with autocast(device, precision):
+            loss = our_loss(module, batch)
+        loss.backward()
         optimizer.step()
         model.clamp_logit_scale_()
 
     return step
 
 
-def openclip_model(vocab_size: int) -> open_clip.CLIP:
-    vision = open_clip.CLIPVisionCfg(layers=6, width=192, head_width=64, patch_size=16, image_size=PAIR.image_size)
-    text = open_clip.CLIPTextCfg(context_length=PAIR.context_length, vocab_size=vocab_size, width=192, heads=3,
-                                 layers=6)
+def openclip_model(vocab_size: int, pair: Pair = PAIRS["small"]) -> open_clip.CLIP:
+    vision = open_clip.CLIPVisionCfg(layers=pair.vision_layers, width=pair.vision_width,
+                                     head_width=pair.vision_width // pair.vision_heads, patch_size=pair.patch_size,
+                                     image_size=pair.image_size)
+    text = open_clip.CLIPTextCfg(context_length=pair.context_length, vocab_size=vocab_size, width=pair.text_width,
+                                 heads=pair.text_heads, layers=pair.text_layers)
     # output_dict as open_clip_train builds it: the loss takes the outputs by name
-    return open_clip.CLIP(embed_dim=PAIR.embed_dim, vision_cfg=vision, text_cfg=text, output_dict=True)
+    return open_clip.CLIP(embed_dim=pair.embed_dim, vision_cfg=vision, text_cfg=text, output_dict=True)
 
 
-def openclip_step(model: open_clip.CLIP) -> Callable[[dict], None]:
-    """open_clip_train's step at fp32 without gradient clipping (its default), with our fused AdamW."""
+def openclip_step(model: open_clip.CLIP, precision: str = "32-true") -> Callable[[dict], None]:
+    """open_clip_train's step without gradient clipping (its default), with our fused AdamW."""
     # open_clip_train's parameter groups: no decay on gains, biases and the logit scale
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
     named = list(model.named_parameters())
+    optim = DEFAULTS.optim
     optimizer = torch.optim.AdamW([
         {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": DEFAULTS.weight_decay},
-    ], lr=LR, fused=True)
-    scheduler = cosine_lr(optimizer, LR, WARMUP_STEPS, DEFAULTS.max_steps)
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": optim.weight_decay},
+    ], lr=optim.lr, fused=True)
+    scheduler = cosine_lr(optimizer, optim.lr, optim.warmup_steps, DEFAULTS.run.max_steps)
     loss = open_clip.ClipLoss()
     model.train()
     counter = itertools.count()
+    device = model.logit_scale.device
 
     def step(batch: dict) -> None:
         scheduler(next(counter))
         optimizer.zero_grad()
-        losses = loss(**model(batch["pixels"], batch["input_ids"]), output_dict=True)
+        with autocast(device, precision):
+            losses = loss(**model(batch["pixels"], batch["input_ids"]), output_dict=True)
         sum(losses.values()).backward()
         optimizer.step()
         with torch.no_grad():
@@ -197,15 +251,15 @@ def openclip_step(model: open_clip.CLIP) -> Callable[[dict], None]:
 def demo_setup(batch_count: int) -> tuple[CLIPModule, list[dict], float | None]:
     """The CPU demo's module, `batch_count` of its synthetic training batches, and its gradient clipping."""
     config = load_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.yaml")])
-    image_size = resolve_image_size(config.model_config()).image_size
-    dataset = SyntheticCaptions("train", config.synthetic_train_samples, config.seed, image_size)
-    tokenizer = make_tokenizer(config.text_encoder, False, config.model_size, dataset.captions())
-    model = build_model(config.model_config(), tokenizer)
+    model_config = resolve_image_size(config.model)
+    dataset = SyntheticCaptions("train", config.data.synthetic_train_samples, config.run.seed, model_config.image_size)
+    tokenizer = make_tokenizer(model_config.text_encoder, False, model_config.model_size, dataset.captions())
+    model = build_model(model_config, tokenizer)
     dataset.transform = model.preprocess
-    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=Collate(tokenizer, config.context_length))
-    module = CLIPModule(model, config.lr, config.weight_decay, config.warmup_steps, config.lr_schedule,
-                        config.plateau_patience, config.plateau_factor)
-    return module, list(itertools.islice(loader, batch_count)), config.gradient_clip_val
+    loader = DataLoader(dataset, batch_size=config.data.batch_size,
+                        collate_fn=Collate(tokenizer, model_config.context_length))
+    module = CLIPModule(model, config.optim)
+    return module, list(itertools.islice(loader, batch_count)), config.optim.gradient_clip_val
 
 
 def our_loss(module: CLIPModule, batch: dict) -> torch.Tensor:
@@ -221,13 +275,18 @@ def step_gflop(model: nn.Module, loss_of: Callable[[dict], torch.Tensor], batch:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
-    """The best fp32 matmul rate of a few tries: this machine's attainable peak right now."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(device: torch.device, precision: str, repeats: int = 3) -> float:
+    """The best square matmul rate of a few tries at the step's precision: this machine's attainable peak now."""
+    size, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.float32)
+    if device.type != "cpu" and precision != "32-true":
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     best = math.inf
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call warms the kernels up
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -236,21 +295,37 @@ def millions(model: nn.Module) -> float:
     return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
 
 
-def main() -> None:
+def on(device: torch.device, batches: list[dict]) -> list[dict]:
+    """The batches' tensors on `device` (the demo's label dict stays behind: training does not read it)."""
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per contender and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (at least 1)")
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
+    parser.add_argument("--pair", choices=list(PAIRS), default="small", help="model size of ours and open_clip's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed", "16-mixed"), default="32-true")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The measurements, as the JSON line prints them."""
     quiet_lightning()
+    device = torch.device(args.device)
+    pair = PAIRS[args.pair]
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     with stdout_to_stderr():
-        ours_model, openclip = pair_model(), openclip_model(PAIR_VOCAB)
+        ours_model, openclip = pair_model(pair).to(device), openclip_model(PAIR_VOCAB, pair).to(device)
         demo, demo_batches, demo_clip = demo_setup(4)
     ours = clip_module(ours_model)
-    batches = pair_batches(4, args.batch_size)
+    batches = on(device, pair_batches(4, args.batch_size, pair=pair))
+    demo_batches = on(device, demo_batches)
+    demo.model.to(device)
     loss = open_clip.ClipLoss()
     gflop = {
         "ours": step_gflop(ours_model, functools.partial(our_loss, ours), batches[0]),
@@ -259,17 +334,19 @@ def main() -> None:
         "demo": statistics.mean(step_gflop(demo.model, functools.partial(our_loss, demo), b) for b in demo_batches),
     }
     gflop["ours_plain"] = gflop["ours"]
-    plain, openclip_train = plain_step(ours_model), openclip_step(openclip)
+    plain, openclip_train = plain_step(ours_model, args.precision), openclip_step(openclip, args.precision)
+    fit = functools.partial(lightning_step_times, steps=args.steps, warmup=args.warmup, accelerator=args.device,
+                            precision=args.precision)
     contenders = {
-        "ours": lambda: lightning_step_times(ours, batches, args.steps, args.warmup),
-        "ours_plain": lambda: timed_loop(plain, batches, args.steps, args.warmup),
-        "openclip": lambda: timed_loop(openclip_train, batches, args.steps, args.warmup),
-        "demo": lambda: lightning_step_times(demo, demo_batches, args.steps, args.warmup, demo_clip),
+        "ours": lambda: fit(ours, batches),
+        "ours_plain": lambda: timed_loop(plain, batches, args.steps, args.warmup, device),
+        "openclip": lambda: timed_loop(openclip_train, batches, args.steps, args.warmup, device),
+        "demo": lambda: fit(demo, demo_batches, gradient_clip_val=demo_clip),
     }
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     peaks = []
     for round_ in range(args.rounds):
-        peaks.append(matmul_gflops())
+        peaks.append(matmul_gflops(device, args.precision))
         for name in list(contenders)[::1 if round_ % 2 == 0 else -1]:
             rates[name].append(args.batch_size / statistics.median(contenders[name]()))
     median = statistics.median
@@ -281,7 +358,7 @@ def main() -> None:
                 for name, values in rates.items()}
     lightning_ms = median(1000 * args.batch_size * (1 / ours - 1 / plain)
                           for ours, plain in zip(rates["ours"], rates["ours_plain"]))
-    print(json.dumps({
+    return {
         "samples_per_s": round(rate["ours"], 1), "openclip_samples_per_s": round(rate["openclip"], 1),
         "ratio": round(ratio, 3),
         "achieved_gflops": round(achieved["ours"], 1), "peak_gflops": round(median(peaks), 1),
@@ -297,9 +374,14 @@ def main() -> None:
         "peak_gflops_per_round": [round(p, 1) for p in peaks],
         "samples_per_s_per_round": {name: [round(r, 1) for r in values] for name, values in rates.items()},
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
-        "steps": args.steps, "warmup": args.warmup,
+        "steps": args.steps, "warmup": args.warmup, "pair": args.pair, "device": args.device,
+        "precision": args.precision,
         "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-    }))
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(run(parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import asdict, replace
 
 import torch
@@ -30,6 +31,27 @@ def checkpoint_entries(model: CLIP) -> dict:
     """What a Lightning checkpoint carries besides the weights to rebuild `model`: its config and exact tokenizer."""
     return {"clip_model_config": asdict(model.config), "clip_tokenizer_files": tokenizer_to_files(model.tokenizer),
             "clip_text_config": model.text_tower.backbone.config.to_dict()}
+
+
+def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's contents, read with `weights_only=True`: tensors and plain data only, never pickled code.
+
+    Ours hold nothing else (the config as a dict, the tokenizer as JSON strings); a file that needs more is
+    refused in one line, before anything in it runs.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), None)
+        if reason is not None:
+            raise UsageError(f"refused checkpoint {path}: it holds more than tensors and plain data, and loading it "
+                             f"could run code ({reason})") from None
+        detail = next((line for line in lines if line.lower().startswith("unsupported")), lines[-1] if lines else "")
+        raise UsageError(f"cannot read checkpoint {path}: not tensors and plain data ({detail})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
 def model_from_checkpoint(checkpoint: dict) -> CLIP:

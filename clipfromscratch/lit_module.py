@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from clipfromscratch.config import OptimConfig
+from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipfromscratch.export import checkpoint_entries
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP
+from clipfromscratch.tokenizers import tokenizer_fingerprint
 
 MONITOR = "val/mean_recall@1"  # what "best" means for checkpoints, plateau and early stopping
 
@@ -26,22 +29,28 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 class CLIPModule(pl.LightningModule):
-    def __init__(self, model: CLIP, lr: float, weight_decay: float, warmup_steps: int, lr_schedule: str,
-                 plateau_patience: int, plateau_factor: float, zeroshot_tasks: dict | None = None,
-                 accum_freq: int = 1, skip_nonfinite: bool = False):
+    """The CLIP model in training: the loss over every rank's batch, AdamW with its schedule, validation recall.
+
+    `optim` is the run's optimisation section (learning rate, schedule, accumulation, NaN policy);
+    `zeroshot_tasks` ({task: (class names, templates)}) are scored at each validation on the labels the
+    validation batches carry.
+    """
+
+    def __init__(self, model: CLIP, optim: OptimConfig, zeroshot_tasks: dict | None = None):
         super().__init__()
         self.model = model
-        self.accum_freq = accum_freq
-        self.skip_nonfinite = skip_nonfinite
+        self.optim = optim
         self.skipped_nonfinite = 0
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.lr_schedule = lr_schedule
-        self.plateau_patience = plateau_patience
-        self.plateau_factor = plateau_factor
         self.zeroshot_tasks = zeroshot_tasks or {}
         self._val_outputs: list[dict] = []
+
+    def on_fit_start(self) -> None:
+        # a token id must mean the same word piece on every rank: the embedding table is one shared parameter
+        fingerprint = tokenizer_fingerprint(self.model.tokenizer)
+        held = self.all_gather(torch.tensor(int(fingerprint[:15], 16), device=self.device))
+        if self.trainer.world_size > 1 and bool((held != held[0]).any()):
+            raise UsageError("the ranks hold different tokenizers: every rank must see one run folder, and a new "
+                             "run needs a folder without an earlier run's tokenizer (a new --output-dir, or --resume)")
 
     def _encode_pair(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +64,9 @@ class CLIPModule(pl.LightningModule):
         sees all K x B negatives, activation memory is that of one micro-batch, the gradient that of the big batch.
         """
         inputs = (batch["pixels"], batch["input_ids"], batch["attention_mask"])
-        if self.accum_freq == 1:
+        if self.optim.accum_freq == 1:
             return self._encode_pair(*inputs)
-        chunks = zip(*(x.chunk(self.accum_freq) for x in inputs))
+        chunks = zip(*(x.chunk(self.optim.accum_freq) for x in inputs))
         parts = [checkpoint(self._encode_pair, *chunk, use_reentrant=False) for chunk in chunks]
         return torch.cat([image for image, _ in parts]), torch.cat([text for _, text in parts])
 
@@ -69,7 +78,7 @@ class CLIPModule(pl.LightningModule):
         loss = clip_loss(image_features, text_features, scale)
         # every rank must take the same decision, or DDP waits forever for the rank that skipped
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            if not self.skip_nonfinite:
+            if not self.optim.skip_nonfinite:
                 raise FloatingPointError(f"non-finite loss at step {self.global_step}")
             self.skipped_nonfinite += 1
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
@@ -123,22 +132,39 @@ class CLIPModule(pl.LightningModule):
         self.log(MONITOR, (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2, prog_bar=True)
 
     def configure_optimizers(self):
+        optim = self.optim
         # no weight decay on biases, norms or the temperature: decaying log(1/T) collapses the scale
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel is ~5x faster per step on CPU as on GPU
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=True)
-        if self.lr_schedule == "plateau":
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, fused=True)
+        if optim.lr_schedule == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=self.plateau_factor, patience=self.plateau_patience)
+                optimizer, mode="max", factor=optim.plateau_factor, patience=optim.plateau_patience)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": MONITOR}}
-        if self.lr_schedule == "constant":
+        if optim.lr_schedule == "constant":
             return optimizer
         total = self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total))
+            optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip the norm of the true gradient, under every precision, with the fused AdamW.
+
+        Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales fp16 gradients inside
+        its own step, as the fused AdamW does. Unscaling them here first is what the GradScaler allows: the
+        step then finds them unscaled and leaves them. bf16 and fp32 have no scaler and nothing to undo.
+        """
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint.update(checkpoint_entries(self.model))

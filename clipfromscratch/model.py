@@ -51,6 +51,12 @@ def make_head(kind: str, in_dim: int, embed_dim: int, dropout: float) -> nn.Modu
     raise UsageError(f"unknown head '{kind}': choose one of linear, mlp")
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised in float32 at least: under bf16/fp16 autocast the towers compute in half precision, and what
+    meets the embeddings afterwards (a zero-shot classifier, a cache, another model's) is float32."""
+    return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+
+
 class CLIP(nn.Module):
     """Two towers and their heads; embeddings are L2-normalised (B, embed_dim)."""
 
@@ -90,12 +96,12 @@ class CLIP(nn.Module):
         self.log_logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, D) unit vectors."""
-        return F.normalize(self.image_head(self.image_tower(pixels)), dim=-1)
+        """(B, 3, S, S) preprocessed images -> (B, D) unit vectors, float32 or wider."""
+        return _unit(self.image_head(self.image_tower(pixels)))
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids and mask -> (B, D) unit vectors."""
-        return F.normalize(self.text_head(self.text_tower(input_ids, attention_mask)), dim=-1)
+        """(B, L) ids and mask -> (B, D) unit vectors, float32 or wider."""
+        return _unit(self.text_head(self.text_tower(input_ids, attention_mask)))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Captions -> (B, D) unit vectors."""
@@ -115,4 +121,8 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,
         text_hf_config = text_config(config.text_encoder, config.model_size, config.text_overrides,
                                      len(tokenizer), {k: v for k, v in special_ids.items() if v is not None})
     text_tower = build_text_tower(config.text_encoder, config.text_pooling, config.pretrained_text, text_hf_config)
+    positions = getattr(text_tower.backbone.config, "max_position_embeddings", None)  # None: relative positions
+    if positions is not None and config.context_length > positions:
+        raise UsageError(f"option context_length is {config.context_length}: text tower {config.text_encoder} "
+                         f"has {positions} positions")
     return CLIP(config, image_tower, text_tower, tokenizer)

@@ -5,10 +5,14 @@ evaluation reloads exactly the tokenizer training used.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -23,13 +27,37 @@ WORDPIECE_SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]
 BPE_SPECIALS = dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<pad>")
 
 
-def _wordpiece(captions: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def _continuation_pieces(tok: Tokenizer, captions: Iterable[str]) -> list[str]:
+    """Sorted "##c" for every character c that follows another inside a word of `captions`, as the trainer sees them.
+
+    tokenizers' WordPiece trainer creates these pieces lazily, in hash-map order, so their ids, and through
+    the merge tie-break that compares ids even the merges, differ from one process to the next
+    (huggingface/tokenizers#1794). Handing them to the trainer up front fixes their order.
+    """
+    words: set[str] = set()
+    lines = iter(captions)
+    while chunk := list(itertools.islice(lines, 1000)):  # one Rust call per thousand captions, not per caption
+        text = tok.normalizer.normalize_str(" ".join(chunk))
+        words.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(text))
+    return [f"##{c}" for c in sorted({c for word in words for c in word[1:]})]
+
+
+def _wordpiece(captions: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """BERT's WordPiece, trained deterministically: the same captions give the same tokenizer.json."""
     tok = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIALS["unk_token"]))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = list(dict.fromkeys(WORDPIECE_SPECIALS.values()))
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(captions, trainer)
+    captions = _reiterable(captions)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                        special_tokens=specials + _continuation_pieces(tok, captions))
+    tok.train_from_iterator(iter(captions), trainer)
+    # the continuation pieces went in as special tokens only to be created first: rebuild with the same
+    # vocabulary (ids included) and only the real special tokens, so decoding never drops them
+    trained = tok
+    tok = Tokenizer(models.WordPiece(trained.get_vocab(), unk_token=WORDPIECE_SPECIALS["unk_token"]))
+    tok.normalizer, tok.pre_tokenizer = trained.normalizer, trained.pre_tokenizer
+    tok.add_special_tokens(specials)
     cls, sep = WORDPIECE_SPECIALS["cls_token"], WORDPIECE_SPECIALS["sep_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))]
@@ -38,14 +66,19 @@ def _wordpiece(captions: Iterator[str], vocab_size: int) -> PreTrainedTokenizerF
     return PreTrainedTokenizerFast(tokenizer_object=tok, **WORDPIECE_SPECIALS)
 
 
-def _byte_level_bpe(captions: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def _reiterable(captions: Iterable[str]) -> Iterable[str]:
+    """`captions` if it can be read twice (a list, or an object whose __iter__ starts over), else a list of them."""
+    return list(captions) if iter(captions) is captions else captions
+
+
+def _byte_level_bpe(captions: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     # a word is one token wherever it stands: without the prefix space, "a" first and " a" later differ
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     specials = list(dict.fromkeys(BPE_SPECIALS.values()))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(captions, trainer)
+    tok.train_from_iterator(iter(captions), trainer)
     # frame every caption as CLIP does: a start token every position can attend to, and an end token, the same
     # symbol everywhere, whose state the tower pools
     eos = BPE_SPECIALS["eos_token"]
@@ -56,6 +89,8 @@ def _byte_level_bpe(captions: Iterator[str], vocab_size: int) -> PreTrainedToken
 
 
 TRAINERS = {"wordpiece": _wordpiece, "bpe": _byte_level_bpe}
+# how long the other ranks wait for rank 0 to read the captions and train the tokenizer before giving up
+SHARED_TOKENIZER_TIMEOUT_S = 3600
 
 
 def _ready(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
@@ -83,20 +118,61 @@ def make_tokenizer(text_encoder: str, pretrained: bool, size: str, captions: Ite
     cached = None if cache_dir is None else os.path.join(cache_dir, f"{family.tokenizer_kind}-{vocab_size}")
     if cached is not None and os.path.isdir(cached):
         return load_tokenizer(cached)
-    tok = _ready(TRAINERS[family.tokenizer_kind](iter(captions), vocab_size))
+    tok = _ready(TRAINERS[family.tokenizer_kind](captions, vocab_size))
     if cached is None:
         return tok
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        partial = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
+        won = _save_whole(tok, cached, replace=False)
     except OSError:
         return tok  # a read-only dataset folder: no cache, train again next time
+    # another run cached a tokenizer of the same captions first: take that one, as every later run will
+    return tok if won else load_tokenizer(cached)
+
+
+def _save_whole(tok: PreTrainedTokenizerFast, directory: str, replace: bool) -> bool:
+    """Write `directory` whole or not at all (beside it, then renamed); False where another process was first."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(dir=parent, prefix=".partial-")
     tok.save_pretrained(partial)
+    if replace and os.path.isdir(directory):
+        shutil.rmtree(directory)
     try:
-        os.rename(partial, cached)  # whole or not at all
+        os.rename(partial, directory)
     except OSError:
-        shutil.rmtree(partial)  # another rank or run cached the same tokenizer first
-    return tok
+        shutil.rmtree(partial)
+        return False
+    return True
+
+
+def shared_tokenizer(make: Callable[[], PreTrainedTokenizerFast], directory: str, rank: int,
+                     timeout_s: float = SHARED_TOKENIZER_TIMEOUT_S) -> PreTrainedTokenizerFast:
+    """One tokenizer for every rank of a run: global rank 0 makes it and writes it to `directory`, the others
+    wait for that folder and load it.
+
+    It needs no process group, so it holds for ranks that Lightning's launcher, torchrun or SLURM started
+    before one exists; `directory` must be on storage that every node sees. Rank 0 reloads the files too, so
+    every rank holds the same object.
+    """
+    if rank == 0:
+        _save_whole(make(), directory, replace=True)
+        return load_tokenizer(directory)
+    started = time.monotonic()
+    while not os.path.isdir(directory):
+        if time.monotonic() - started > timeout_s:
+            raise UsageError(f"rank {rank} waited {timeout_s / 60:.0f} min for the tokenizer rank 0 writes to "
+                             f"{directory}: did rank 0 fail, or is the run folder not on storage all nodes share?")
+        time.sleep(0.2)
+    return load_tokenizer(directory)
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
+    """SHA-256 of what decides the token ids (vocabulary, merges, normalisation, special tokens), not of the
+    padding and truncation state that encoding calls leave behind."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    for transient in ("truncation", "padding"):
+        spec.pop(transient, None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerFast:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from clipfromscratch.config import TrainConfig, load_config, read_yaml
+from clipfromscratch.config import TrainConfig, load_config, read_yaml, save_config
 from clipfromscratch.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -17,18 +17,17 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_every_recipe_parses(path):
-    config = load_config(["--config", path])
-    assert set(read_yaml(path)) <= set(vars(config))
+    config = load_config(["--config", path]).flat()
     for key, value in read_yaml(path).items():
-        assert getattr(config, key) == value
+        assert config[key] == value
 
 
 def test_flags_win_over_yaml_and_short_flags_work(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("image_encoder: resnet\nbatch_size: 32\nimage_overrides: {depth: 2}\n")
     config = load_config(["--config", str(recipe), "--batch-size", "8", "--text-enc", "gpt2", "--pretrained-text"])
-    assert (config.image_encoder, config.text_encoder, config.batch_size) == ("resnet", "gpt2", 8)
-    assert config.pretrained_text is True and config.image_overrides == {"depth": 2}
+    assert (config.model.image_encoder, config.model.text_encoder, config.data.batch_size) == ("resnet", "gpt2", 8)
+    assert config.model.pretrained_text is True and config.model.image_overrides == {"depth": 2}
     assert load_config([]) == TrainConfig()
 
 
@@ -50,3 +49,26 @@ def test_bad_yaml_fails_in_one_line(tmp_path, yaml_text, message):
 def test_missing_config_file():
     with pytest.raises(UsageError, match="config file not found: nope.yaml"):
         load_config(["--config", "nope.yaml"])
+
+
+def test_optional_values_take_none_and_the_rest_their_type(tmp_path):
+    assert load_config(["--gradient-clip-val", "none"]).optim.gradient_clip_val is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("gradient_clip_val: null\nimage_size: 48\n")
+    config = load_config(["--config", str(recipe)])
+    assert config.optim.gradient_clip_val is None and config.model.image_size == 48
+    for flags, message in ((["--batch-size", "2.5"], "option batch_size expects int, got '2.5'"),
+                           (["--lr", "true"], "option lr expects float, got 'true'"),
+                           (["--embed-dim", "none"], "option embed_dim expects int, got 'none'"),
+                           (["--plateau-factor", "1"], "option plateau_factor is 1.0: it must be above 0 and below 1"),
+                           (["--max-steps", "-1"], "set --max-steps or --max-epochs")):
+        with pytest.raises(UsageError, match=message):
+            load_config(flags)
+
+
+def test_a_saved_config_is_a_recipe_that_gives_the_same_config(tmp_path):
+    config = load_config(["--embed-dim", "64", "--gradient-clip-val", "none", "--image-overrides", '{"depth": 2}',
+                          "--precision", "bf16-mixed", "--devices", "0,1"])
+    save_config(config, str(tmp_path / "config.yaml"))
+    assert load_config(["--config", str(tmp_path / "config.yaml")]) == config
+    assert (config.model.embed_dim, config.data.batch_size, config.run.devices) == (64, 64, "0,1")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from clipfromscratch.cli import main as train_main
+from clipfromscratch.config import DataConfig
 from clipfromscratch.data.datamodule import CaptionDataModule
 from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls
 from clipfromscratch.errors import UsageError
@@ -305,11 +306,9 @@ class TinyModel:
         self.config = type("Config", (), {"context_length": 16})()
 
 
-def datamodule(train: str, val: str | None, **kw) -> CaptionDataModule:
-    options = {"batch_size": 3, "num_workers": 2, "seed": 0, "image_size": 16, "synthetic_train_samples": 0,
-               "synthetic_val_samples": 0, "csv_img_key": "filepath", "csv_caption_key": "caption",
-               "csv_separator": "\t", **kw}
-    dm = CaptionDataModule(train, val, **options)
+def datamodule(train: str, val: str | None) -> CaptionDataModule:
+    dm = CaptionDataModule(DataConfig(train_data=train, val_data=val, batch_size=3, num_workers=2), image_size=16,
+                           seed=0)
     dm.bind(TinyModel(make_tokenizer("bert", False, "tiny", dm.train_captions())))
     return dm
 
@@ -359,8 +358,6 @@ def test_training_stream_splits_by_rank_and_worker(coco_out, monkeypatch):
 
     with pytest.raises(UsageError, match="3 training shards for 4 readers .2 ranks x 2 workers.: use "):
         CaptionShards(spec, None, shuffle=True, num_workers=2).check_readers(2)
-    with pytest.raises(UsageError, match="--dataset-resampled needs --train-num-samples"):
-        CaptionShards(spec, None, shuffle=True, resampled=True)
 
     # resampled: every rank and worker yields exactly its share of the epoch, rounded up to whole batches
     for rank in range(2):

@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clipfromscratch.config import ModelConfig
+from clipfromscratch.config import ModelConfig, OptimConfig
+from clipfromscratch.errors import UsageError
+from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import build_model
 from clipfromscratch.tokenizers import make_tokenizer, tokenize
@@ -93,27 +97,94 @@ def test_local_negatives_alone_give_a_different_gradient(towers_and_batch):
 
 
 
-def test_two_process_ddp_training_from_the_cli(tmp_path):
-    # 11 validation rows over 2 ranks: the sampler pads one duplicate and one image is unreadable, so the ranks
-    # hold different row counts; the metrics must count each of the 10 readable samples exactly once
+# --- 2-rank training from the command line, under each launcher ---
+
+LAUNCHERS = ("lightning", "torchrun", "slurm")
+PROBE = os.path.join(REPO, "tests", "train_with_probe.py")
+
+
+@pytest.fixture(scope="module")
+def val_table(tmp_path_factory) -> str:
+    """11 validation rows over 2 ranks: the sampler pads one duplicate and one image is unreadable, so the ranks hold
+    different row counts; the metrics must count each of the 10 readable samples exactly once."""
+    root = tmp_path_factory.mktemp("val")
     colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan"]
     rows = []
     for i, colour in enumerate(colours):
-        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), colour).save(root / f"{i}.png")
         rows.append(f"{i}.png\ta {colour} square")
-    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (root / "broken.png").write_bytes(b"not an image")
     rows.insert(3, "broken.png\ta broken picture")
-    (tmp_path / "val.tsv").write_text("filepath\tcaption\n" + "\n".join(rows) + "\n")
-    run = tmp_path / "run"
-    command = [sys.executable, "train.py", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-               "--output-dir", str(run), "--max-steps", "6", "--val-every-n-steps", "6", "--image-size", "32",
-               "--batch-size", "8", "--embed-dim", "32", "--num-workers", "0", "--synthetic-train-samples", "256",
-               "--val-data", str(tmp_path / "val.tsv")]
-    done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    (root / "val.tsv").write_text("filepath\tcaption\n" + "\n".join(rows) + "\n")
+    return str(root / "val.tsv")
+
+
+def _launch(launcher: str, run: str, val_table: str) -> None:
+    """2 ranks of `train.py` (with the rank probe) on CPU, started the way `launcher` starts them."""
+    flags = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--output-dir", run, "--max-steps", "6",
+             "--val-every-n-steps", "6", "--image-size", "32", "--batch-size", "8", "--embed-dim", "32",
+             "--num-workers", "0", "--synthetic-train-samples", "256", "--val-data", val_table]
+    env = {**os.environ, "RANK_PROBE": os.path.join(run, "probe")}
+    if launcher == "lightning":  # one process; Lightning starts the second when training begins
+        commands = [([sys.executable, PROBE, *flags], env)]
+    elif launcher == "torchrun":  # both ranks at once, before any process group exists
+        commands = [([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", PROBE,
+                      *flags], env)]
+    else:  # as `srun` starts 2 tasks on one node: both at once, each told its rank by SLURM's variables
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1",
+                 "SLURM_NODEID": "0", "SLURM_JOB_NAME": "clipfromscratch", "SLURM_NODELIST": "127.0.0.1",
+                 # Lightning takes the rendezvous port from the job id's last 4 digits
+                 "SLURM_JOB_ID": str(10000 + os.getpid() % 10000)}
+        commands = [([sys.executable, PROBE, *flags], {**env, **slurm, "SLURM_PROCID": str(rank),
+                                                       "SLURM_LOCALID": str(rank)}) for rank in range(2)]
+    procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for command, env in commands]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{launcher}: {err[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, val_table) -> dict[str, Path]:
+    """The same 2-rank run, same seed, under each launcher."""
+    runs = {}
+    for launcher in LAUNCHERS:
+        runs[launcher] = tmp_path_factory.mktemp(launcher) / "run"
+        _launch(launcher, str(runs[launcher]), val_table)
+    return runs
+
+
+def test_ddp_validation_counts_every_sample_once(ddp_runs):
+    metrics = json.loads((ddp_runs["lightning"] / "metrics.json").read_text())
     assert metrics["step"] == 6
     assert metrics["image_retrieval_recall@10"] == metrics["text_retrieval_recall@10"] == 1.0
     for name, value in metrics.items():  # whole tenths: not elevenths or twelfths
         if "recall" in name:
             assert abs(value * 10 - round(value * 10)) < 1e-3, (name, value)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_every_rank_trains_with_one_tokenizer_and_ends_with_the_same_weights(ddp_runs, launcher):
+    ranks = [json.loads((ddp_runs[launcher] / f"probe.rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["tokenizer"] == ranks[1]["tokenizer"]  # recorded inside the run, as training starts
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
+
+
+def test_the_same_seed_gives_the_same_run_under_every_launcher(ddp_runs):
+    first, *others = (ddp_runs[launcher] for launcher in LAUNCHERS)
+    for run in others:
+        assert (run / "metrics.json").read_text() == (first / "metrics.json").read_text()
+        tokenizer = Path("tokenizer", "tokenizer.json")
+        assert (run / tokenizer).read_bytes() == (first / tokenizer).read_bytes()
+        assert (run / "probe.rank0.json").read_text() == (first / "probe.rank0.json").read_text()
+
+
+def test_training_stops_in_one_line_if_ranks_hold_different_tokenizers(towers_and_batch):
+    """The check every run makes as it starts: here rank 1 reports another tokenizer than this rank's."""
+    module = CLIPModule(towers_and_batch[0].model, OptimConfig())
+    module._trainer = SimpleNamespace(world_size=2)
+    module.all_gather = lambda fingerprint: torch.stack([fingerprint, fingerprint + 1])
+    with pytest.raises(UsageError, match="the ranks hold different tokenizers"):
+        module.on_fit_start()
+    module.all_gather = lambda fingerprint: torch.stack([fingerprint, fingerprint])
+    module.on_fit_start()

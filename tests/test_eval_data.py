@@ -30,8 +30,9 @@ def test_shards_give_captions_lists_and_json_labels(tmp_path):
     with wds.TarWriter(str(tmp_path / "000.tar")) as sink:
         sink.write({"__key__": "0", "png": _png((0, 0, 200)), "txt": "a blue shirt",
                     "json": json.dumps({"articleType": "Shirts", "captions": ["a blue shirt", "a shirt"]})})
+        # as data_prep/fashion.py writes it: the class columns under "labels"
         sink.write({"__key__": "1", "png": _png((200, 0, 0)), "txt": "red shoes",
-                    "json": json.dumps({"articleType": "Shoes"})})
+                    "json": json.dumps({"id": 1, "labels": {"articleType": "Shoes", "gender": "Men"}})})
         sink.write({"__key__": "2", "png": _png((0, 200, 0)), "txt": "a green shirt",
                     "json": json.dumps({"articleType": "Shirts"})})
     captioned = [captions for _, captions in open_captioned(str(tmp_path))]

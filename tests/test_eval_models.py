@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from clipfromscratch.config import ModelConfig
+from clipfromscratch.config import ModelConfig, OptimConfig
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.callback import ZeroShotCallback
 from clipfromscratch.eval.embed import encode_images
@@ -80,7 +80,7 @@ def test_our_export_and_checkpoint_and_clip_benchmark_loader_agree(tmp_path):
     export = export_tiny_ours(tmp_path / "export")
     from_export = load_eval_model(export)
     # a Lightning checkpoint: the module's state under "model." plus what on_save_checkpoint adds to rebuild it
-    module = CLIPModule(load_model(export), 1e-3, 0.1, 0, "constant", 1, 0.5)
+    module = CLIPModule(load_model(export), OptimConfig())
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "last.ckpt")
@@ -124,7 +124,7 @@ def test_bad_model_specs_are_one_line_usage_errors(spec, message):
 
 
 def test_zeroshot_callback_logs_every_nth_validation(tmp_path, monkeypatch):
-    module = CLIPModule(load_model(export_tiny_ours(tmp_path)), 1e-3, 0.1, 0, "constant", 1, 0.5)
+    module = CLIPModule(load_model(export_tiny_ours(tmp_path)), OptimConfig())
     logged = []
     monkeypatch.setattr(module, "log", lambda key, value: logged.append((key, value)))
     callback = ZeroShotCallback("shapes", EvalOptions(data="synthetic", label="shape", num_samples=40),

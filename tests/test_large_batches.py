@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from clipfromscratch.config import ModelConfig
+from clipfromscratch.config import ModelConfig, OptimConfig
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import build_model
@@ -31,7 +31,7 @@ def _grads(module: CLIPModule, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def _module(model, accum_freq: int = 1) -> CLIPModule:
-    return CLIPModule(model, 1e-3, 0.1, 0, "constant", 1, 0.5, accum_freq=accum_freq)
+    return CLIPModule(model, OptimConfig(lr=1e-3, lr_schedule="constant", accum_freq=accum_freq))
 
 
 @pytest.mark.parametrize("image_enc, text_enc", [("vit", "bert"), ("resnet", "gpt2")])

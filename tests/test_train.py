@@ -77,7 +77,7 @@ def test_export_reloads_the_trained_model(bert_run):
 
 
 def test_resume_continues_the_run(bert_run):
-    ckpt = torch.load(os.path.join(bert_run, "last.ckpt"), weights_only=False)
+    ckpt = torch.load(os.path.join(bert_run, "last.ckpt"), weights_only=True)
     assert "clip_tokenizer_files" in ckpt and ckpt["global_step"] == 250
     assert main(["--resume", bert_run, "--max-steps", "260", "--val-every-n-steps", "10"]) == 0
     assert _metrics(bert_run)["step"] == 260
@@ -91,11 +91,47 @@ def test_resume_continues_the_run(bert_run):
     (["--resume", "no/such/run"], "no checkpoint to resume from"),
     (["--model-size", "huge"], "option model_size is 'huge': choose one of tiny, base"),
     (["--lr-schedule", "plateau", "--train-data", "{table}"], "plateau and early stopping watch validation"),
+    (["--image-size", "7"], "timm model 'vit_base_patch16_224' at 7 px cannot be built or run: "),
+    (["--image-size", "0"], "option image_size is 0: it must be at least 1"),
+    (["--precision", "fp8"], "option precision is 'fp8': choose one of auto, 32-true, bf16-mixed, 16-mixed"),
+    (["--lr", "-1"], "option lr is -1.0: it must be above 0"),
+    (["--image-overrides", '{"mlp_ratio": "x"}'], 'with image_overrides {"mlp_ratio": "x"} cannot be built or run'),
+    (["--image-overrides", "[1, 2]"], "option image_overrides expects a mapping of names to values, got '[1, 2]'"),
+    (["--text-overrides", '{"hidden_size": "x"}'], "bad text_overrides {\"hidden_size\": \"x\"} for bert: "),
+    (["--embed-dim", "0"], "option embed_dim is 0: it must be at least 1"),
+    (["--warmup-steps", "-5"], "option warmup_steps is -5: it must be at least 0"),
+    (["--context-length", "500"], "option context_length is 500: text tower bert has 128 positions"),
+    (["--devices", "two"], "option devices is 'two': give a number, a list like 0,1, or auto"),
+    (["--dataset-resampled", "--train-data", "{table}"], "--dataset-resampled needs --train-num-samples"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     table = tmp_path / "t.tsv"
     table.write_text("filepath\tcaption\nimg.png\ta caption\n")
     args = [a.replace("{table}", str(table)) for a in args]
-    assert main([*args, "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    # few synthetic captions: the tokenizer trains in no time before the model fails to build
+    assert main([*args, "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                 "--synthetic-train-samples", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_ranks_started_apart_need_a_run_folder_they_can_share(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank runs this command by itself: time-stamped default folders would differ."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("pytorch_lightning.Trainer.fit", lambda *a, **k: pytest.fail("got past the folder check"))
+    assert main(["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--max-steps", "1"]) == 2
+    assert "give --output-dir or --run-name" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_same_seed_gives_the_same_run(tmp_path):
+    """Byte for byte: the tokenizer trained from the captions, and every metric (loader workers included)."""
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for run in runs:
+        assert main(["--output-dir", str(run), "--max-steps", "30", "--val-every-n-steps", "30", "--batch-size", "16",
+                     "--synthetic-val-samples", "64", "--num-workers", "1", "--seed", "3"]) == 0
+    for name in ("tokenizer/tokenizer.json", "final/tokenizer/tokenizer.json", "metrics.json"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name

@@ -6,15 +6,16 @@ Tokenisation happens in the loader workers, in `Collate`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedTokenizerFast
 
+from clipfromscratch.config import DataConfig
 from clipfromscratch.data.shard_index import IndexedShards
-from clipfromscratch.data.shards import SHUFFLE_BUFFER, CaptionShards
+from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.transforms import image_transform
 from clipfromscratch.data.tsv import CaptionTable
@@ -49,6 +50,16 @@ class _Indexed(Dataset):
         return None if sample is None else {**sample, "index": index}
 
 
+class _Rereadable:
+    """An iterable that starts over at each `iter()`: `read` returns a fresh iterator."""
+
+    def __init__(self, read: Callable[[], Iterator[str]]):
+        self.read = read
+
+    def __iter__(self) -> Iterator[str]:
+        return self.read()
+
+
 class Collate:
     """Samples -> a batch dict; unreadable samples (None) are dropped, captions tokenised here in the worker."""
 
@@ -72,25 +83,31 @@ class Collate:
 
 
 class CaptionDataModule(pl.LightningDataModule):
-    def __init__(self, train_data: str, val_data: str | None, batch_size: int, num_workers: int, seed: int,
-                 image_size: int, synthetic_train_samples: int, synthetic_val_samples: int,
-                 csv_img_key: str, csv_caption_key: str, csv_separator: str, shuffle_buffer: int = SHUFFLE_BUFFER,
-                 dataset_resampled: bool = False, train_num_samples: int | None = None):
+    """Training and validation samples from the sources `config` names, batched and tokenised for one model.
+
+    `bind(model)` must come before the loaders: it sets the model's image transforms and tokenizer. A step's
+    batch is `accum_freq` micro-batches of `config.batch_size` (feature-cached accumulation splits it again).
+    """
+
+    def __init__(self, config: DataConfig, image_size: int, seed: int, accum_freq: int = 1):
         super().__init__()
-        stream = {"shuffle_buffer": shuffle_buffer, "resampled": dataset_resampled, "epoch_samples": train_num_samples,
-                  "batch_size": batch_size, "num_workers": num_workers}
-        common = {"seed": seed, "image_size": image_size, "csv_img_key": csv_img_key,
-                  "csv_caption_key": csv_caption_key, "csv_separator": csv_separator, "stream": stream}
-        self.train_set = open_source(train_data, "train", synthetic_samples=synthetic_train_samples, **common)
+        self.batch_size = config.batch_size * accum_freq
+        self.num_workers = config.num_workers
+        stream = {"shuffle_buffer": config.shuffle_buffer, "resampled": config.dataset_resampled,
+                  "epoch_samples": config.train_num_samples, "batch_size": self.batch_size,
+                  "num_workers": config.num_workers}
+        common = {"seed": seed, "image_size": image_size, "csv_img_key": config.csv_img_key,
+                  "csv_caption_key": config.csv_caption_key, "csv_separator": config.csv_separator, "stream": stream}
+        self.train_set = open_source(config.train_data, "train", synthetic_samples=config.synthetic_train_samples,
+                                     **common)
+        val_data = config.validation_data
         self.val_set = None if val_data is None else open_source(
-            val_data, "val", synthetic_samples=synthetic_val_samples, **common)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+            val_data, "val", synthetic_samples=config.synthetic_val_samples, **common)
         self.collate: Collate | None = None
 
-    def train_captions(self) -> Iterator[str]:
-        """Captions to train a tokenizer on."""
-        return self.train_set.captions()
+    def train_captions(self) -> Iterable[str]:
+        """The training captions, to train a tokenizer on; they can be read more than once."""
+        return _Rereadable(self.train_set.captions)
 
     @property
     def tokenizer_cache_dir(self) -> str | None:

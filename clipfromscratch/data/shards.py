@@ -20,11 +20,11 @@ import torch
 import webdataset as wds
 from torchvision.io import ImageReadMode, decode_image
 
+from clipfromscratch.config import DataConfig
 from clipfromscratch.errors import UsageError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SHUFFLE_BUFFER = 1000
 
 
 def is_remote(url: str) -> bool:
@@ -90,11 +90,9 @@ class CaptionShards(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, spec: str, transform: Callable[[torch.Tensor], torch.Tensor] | None, shuffle: bool,
-                 seed: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER, resampled: bool = False,
+                 seed: int = 0, shuffle_buffer: int = DataConfig.shuffle_buffer, resampled: bool = False,
                  epoch_samples: int | None = None, batch_size: int = 1, num_workers: int = 0):
         super().__init__()
-        if resampled and epoch_samples is None:
-            raise UsageError("--dataset-resampled needs --train-num-samples (the samples in one epoch)")
         self.urls = resolve_shard_urls(spec)
         self.transform = transform
         self.shuffle = shuffle

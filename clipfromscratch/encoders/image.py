@@ -4,6 +4,7 @@ Every tower returns pooled features (B, num_features): timm models built with nu
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import timm
@@ -105,13 +106,34 @@ def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, o
     kwargs.update(overrides)
     try:
         backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
-    except TypeError as err:
-        raise UsageError(f"bad image tower override for timm model '{timm_name}': {err}") from None
     except (OSError, RuntimeError) as err:
-        if not pretrained:
-            raise
-        raise UsageError(
-            f"cannot load pretrained weights for timm model '{timm_name}' (offline or not published?): "
-            f"{str(err).splitlines()[0]}"
-        ) from None
+        if pretrained and not overrides:
+            raise UsageError(f"cannot load pretrained weights for timm model '{timm_name}' (offline or not "
+                             f"published?): {_first_line(err)}") from None
+        raise _bad_tower(timm_name, overrides, image_size, err) from None
+    except (TypeError, ValueError, AssertionError, KeyError) as err:  # how timm says an argument makes no sense
+        raise _bad_tower(timm_name, overrides, image_size, err) from None
+    _check_forward(backbone, timm_name, overrides, image_size)
     return ImageTower(backbone, image_size)
+
+
+def _check_forward(backbone: nn.Module, timm_name: str, overrides: dict, image_size: int) -> None:
+    """One image through the new tower: a size or override it cannot take fails here, in one line, not mid-run."""
+    was_training = backbone.training
+    backbone.eval()  # batch statistics of a single image would fail, and must not move the running ones
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as err:
+        raise _bad_tower(timm_name, overrides, image_size, err) from None
+    backbone.train(was_training)
+
+
+def _bad_tower(timm_name: str, overrides: dict, image_size: int, err: Exception) -> UsageError:
+    given = f" with image_overrides {json.dumps(overrides)}" if overrides else ""
+    return UsageError(f"timm model '{timm_name}' at {image_size} px{given} cannot be built or run: {_first_line(err)}")
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    line = (str(err).splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + "..."

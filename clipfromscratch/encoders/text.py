@@ -5,6 +5,7 @@ Every tower maps (B, L) token ids and attention mask -> (B, num_features) by a p
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -119,7 +120,11 @@ def text_config(name: str, size: str, overrides: dict, vocab_size: int, special_
     family = text_family(name)
     fields = dict(overrides, vocab_size=vocab_size, **special_ids)
     if family is not None:
-        return AutoConfig.for_model(family.model_type, **{**family.presets[check_size(size)], **fields})
+        try:
+            return AutoConfig.for_model(family.model_type, **{**family.presets[check_size(size)], **fields})
+        except Exception as err:  # noqa: BLE001 - transformers validates fields with errors of several types
+            detail = " ".join(line.strip() for line in str(err).splitlines())
+            raise UsageError(f"bad text_overrides {json.dumps(overrides)} for {family.model_type}: {detail}") from None
     try:
         return AutoConfig.from_pretrained(pretrained_source(name), **fields)
     except (OSError, ValueError) as err:
@@ -138,5 +143,8 @@ def build_text_tower(name: str, pooling: str | None, pretrained: bool, config: P
         except (OSError, ValueError) as err:
             raise _hub_error("pretrained text tower", source, err) from None
     else:
-        backbone = AutoModel.from_config(config, **model_kwargs)
+        try:
+            backbone = AutoModel.from_config(config, **model_kwargs)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise UsageError(f"text tower {name} cannot be built from its config: {str(err).splitlines()[0]}") from None
     return TextTower(backbone, pooling)

@@ -1,4 +1,7 @@
-"""`clipfromscratch eval | compare | search`: flags -> EvalOptions and models -> results on disk and stdout."""
+"""`clipfromscratch eval | compare | search` and the top-level help.
+
+Flags -> EvalOptions and models -> results on disk and stdout.
+"""
 from __future__ import annotations
 
 import argparse
@@ -46,8 +49,11 @@ def _options(args: argparse.Namespace) -> EvalOptions:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="clipfromscratch")
+    root = argparse.ArgumentParser(prog="clipfromscratch", description="Train CLIP models from scratch, evaluate "
+                                   "and compare them. `clipfromscratch COMMAND --help` for a command's options.")
     commands = root.add_subparsers(dest="command", required=True)
+    # listed for the help screen only: `train` is parsed by clipfromscratch.config (see clipfromscratch.cli)
+    commands.add_parser("train", help="train a CLIP model (the default command; same as python train.py)")
     model_help = "an export directory, a .ckpt, openai:<hub name or dir>, or openclip:<arch>/<tag>"
 
     evaluate = commands.add_parser("eval", help="run one task on one model")

@@ -97,12 +97,19 @@ class _LabelOf:
         self.index = {name: i for i, name in enumerate(classnames)}
 
     def __call__(self, raw: dict) -> int | None:
-        value = _json(raw).get(self.key)
+        value = _label(raw, self.key)
         return None if value is None else self.index[str(value)]
 
 
 def _json(raw: dict) -> dict:
     return json.loads(raw["json"]) if "json" in raw else {}
+
+
+def _label(raw: dict, key: str):
+    """KEY.json's field `key`, or its `labels` mapping's (where data_prep writes Fashion's class columns)."""
+    meta = _json(raw)
+    labels = meta.get("labels")
+    return meta.get(key, labels.get(key) if isinstance(labels, dict) else None)
 
 
 def _captions_of(raw: dict) -> list[str] | None:
@@ -152,7 +159,7 @@ def _shard_labels(spec: str, label: str, limit: int | None) -> LabelledImages:
     urls = resolve_shard_urls(spec)
     values = set()
     for raw in wds.tarfile_samples(({"url": url} for url in urls), select_files=lambda n: n.endswith(".json")):
-        value = _json(raw).get(label)
+        value = _label(raw, label)
         if value is not None:
             values.add(str(value))
     if not values:

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import BatchEncoding, CLIPModel, CLIPProcessor
 
 from clipfromscratch.errors import UsageError
-from clipfromscratch.export import load_model, model_from_checkpoint
+from clipfromscratch.export import load_model, model_from_checkpoint, read_checkpoint
 from clipfromscratch.model import CLIP
 from clipfromscratch.tokenizers import tokenize
 
@@ -48,7 +48,7 @@ def from_clip(model: CLIP, name: str, weights_mtime: float = 0.0) -> EvalModel:
 
 def load_checkpoint(path: str, device: torch.device) -> CLIP:
     """Our model from a Lightning checkpoint, which carries its config and tokenizer (see CLIPModule)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = read_checkpoint(path, map_location=device)
     try:
         model = model_from_checkpoint(checkpoint)
     except UsageError as err:

@@ -1,0 +1,36 @@
+"""`python tests/train_with_probe.py [train.py flags]`: train.py with one more callback, which writes what every rank
+of a run must agree on to `$RANK_PROBE.rank<N>.json`: the fingerprint of the tokenizer the rank trains with, and
+a hash of its parameters when training ends. Launchers re-run this script for every rank, so each rank has it."""
+import hashlib
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+
+from clipfromscratch import cli
+from clipfromscratch.tokenizers import tokenizer_fingerprint
+
+
+class RankProbe(pl.Callback):
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.record: dict[str, str] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.record["tokenizer"] = tokenizer_fingerprint(pl_module.model.tokenizer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(pl_module.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.record["parameters"] = digest.hexdigest()
+        with open(f"{self.prefix}.rank{trainer.global_rank}.json", "w", encoding="utf-8") as f:
+            json.dump(self.record, f)
+
+
+if __name__ == "__main__":
+    callbacks = cli._callbacks
+    cli._callbacks = lambda config, output_dir: [*callbacks(config, output_dir), RankProbe(os.environ["RANK_PROBE"])]
+    sys.exit(cli.main(["train", *sys.argv[1:]]))
