@@ -152,7 +152,7 @@ def shared_tokenizer(make: Callable[[], PreTrainedTokenizerFast], directory: str
 
     It needs no process group, so it holds for ranks that Lightning's launcher, torchrun or SLURM started
     before one exists; `directory` must be on storage that every node sees. Rank 0 reloads the files too, so
-    every rank holds the same object.
+    every rank holds a tokenizer read from the same files.
     """
     if rank == 0:
         _save_whole(make(), directory, replace=True)
