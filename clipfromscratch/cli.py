@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         from clipfromscratch.eval.cli import main as eval_main  # lazy: its plotting is not needed to train
 
         return eval_main(argv)  # the top-level help lists every command
+    if argv[:1] == ["train-dcsm"]:
+        from clipfromscratch.train_dcsm import main as train_dcsm_main
+
+        return train_dcsm_main(argv[1:])
     if argv[:1] == ["train"]:  # `clipfromscratch train ...` and `python train.py ...` are the same command
         argv = argv[1:]
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)

@@ -12,11 +12,14 @@ from safetensors.torch import save_model as save_safetensors
 from transformers import AutoConfig
 
 from clipfromscratch.config import ModelConfig
+from clipfromscratch.dcsm import DenseScorer
 from clipfromscratch.errors import UsageError
 from clipfromscratch.model import CLIP, build_model
 from clipfromscratch.tokenizers import load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
+# a DCSM head trained on a model of another family, and that model
+HEAD_WEIGHTS, HEAD_CONFIG, BASE_DIR = "dcsm.safetensors", "dcsm.json", "base"
 
 
 def rebuild_model(model_config: dict, tokenizer, text_config: dict) -> CLIP:
@@ -63,22 +66,52 @@ def model_from_checkpoint(checkpoint: dict) -> CLIP:
 
 
 def export_model(model: CLIP, directory: str) -> None:
-    """Write `directory/{model.safetensors, config.json, tokenizer/}`."""
+    """Write `directory/{model.safetensors, config.json, tokenizer/}`; a DCSM head goes with the weights."""
     os.makedirs(directory, exist_ok=True)
     save_safetensors(model, os.path.join(directory, WEIGHTS))
+    saved = {"model": asdict(model.config), "text_config": model.text_tower.backbone.config.to_dict()}
+    if model.dense_scorer is not None:
+        saved["dcsm"] = dense_scorer_config(model.dense_scorer)
     with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
-        json.dump({"model": asdict(model.config), "text_config": model.text_tower.backbone.config.to_dict()}, f,
-                  indent=2)
+        json.dump(saved, f, indent=2)
     model.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
 
 
+def dense_scorer_config(head: DenseScorer) -> dict:
+    """What rebuilds a DCSM head before its weights are loaded."""
+    return {"image_tokens": head.image_tokens, "text_tokens": head.text_tokens}
+
+
+def export_head_beside(head: DenseScorer, directory: str, family: str) -> str:
+    """For a model of another family (openai:): `directory/{dcsm.json, dcsm.safetensors}`, the base model to be
+    saved in `directory/base` by its own library. Returns that base folder."""
+    os.makedirs(directory, exist_ok=True)
+    save_safetensors(head, os.path.join(directory, HEAD_WEIGHTS))
+    with open(os.path.join(directory, HEAD_CONFIG), "w", encoding="utf-8") as f:
+        json.dump({"family": family, **dense_scorer_config(head)}, f, indent=2)
+    return os.path.join(directory, BASE_DIR)
+
+
+def load_head_beside(directory: str, device: str | torch.device = "cpu") -> tuple[str, str, DenseScorer]:
+    """(family, base model folder, head) of what `export_head_beside` wrote."""
+    with open(os.path.join(directory, HEAD_CONFIG), encoding="utf-8") as f:
+        saved = json.load(f)
+    family = saved.pop("family")
+    head = DenseScorer(**saved)
+    load_safetensors(head, os.path.join(directory, HEAD_WEIGHTS), device=str(device))
+    return family, os.path.join(directory, BASE_DIR), head.to(device).eval()
+
+
 def load_model(path: str, device: str | torch.device = "cpu") -> CLIP:
-    """An exported model in eval mode: `encode_image(pixels)`, `encode_text(list_of_str)`, `preprocess(pil)`."""
+    """An exported model in eval mode: `encode_image(pixels)`, `encode_text(list_of_str)`, `preprocess(pil)`, and
+    `score(pixels, list_of_str)`, by its DCSM head where the export has one."""
     config_path = os.path.join(path, CONFIG)
     if not os.path.isfile(config_path):
         raise UsageError(f"not an exported model (no {CONFIG}): {path}")
     with open(config_path, encoding="utf-8") as f:
         saved = json.load(f)
     model = rebuild_model(saved["model"], load_tokenizer(os.path.join(path, TOKENIZER_DIR)), saved["text_config"])
+    if "dcsm" in saved:
+        model.dense_scorer = DenseScorer(**saved["dcsm"])
     load_safetensors(model, os.path.join(path, WEIGHTS), device=str(device))
     return model.to(device).eval()

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.data.transforms import image_transform
+from clipfromscratch.dcsm import DenseScorer, dense_tokens, similarity_maps
 from clipfromscratch.encoders.image import build_image_tower, default_image_size
 from clipfromscratch.encoders.text import build_text_tower, text_config
 from clipfromscratch.errors import UsageError
@@ -73,6 +74,7 @@ class CLIP(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.preprocess = image_transform(config.image_size, image_tower.mean, image_tower.std, train=False)
         self.locked_towers: list[nn.Module] = []
+        self.dense_scorer: DenseScorer | None = None  # a DCSM head, trained afterwards by `train-dcsm`
 
     def lock_towers(self, image: bool, text: bool) -> None:
         """Freeze towers (LiT): no gradients, and eval mode for good so norm statistics and dropout stay fixed."""
@@ -108,6 +110,26 @@ class CLIP(nn.Module):
         device = self.log_logit_scale.device
         tokens = tokenize(self.tokenizer, texts, self.config.context_length)
         return self.encode_tokens(**{k: v.to(device) for k, v in tokens.items()})
+
+    def encode_image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + P, D) unit vectors: the pooled image token (what encode_image returns, for
+        linear heads) and every patch, each through the image head into the shared space."""
+        return _unit(self.image_head(self.image_tower.forward_tokens(pixels)))
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L, D) unit vectors: every position through the text head."""
+        return _unit(self.text_head(self.text_tower.forward_tokens(input_ids, attention_mask)))
+
+    def score(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(N, 3, S, S) images and M captions -> (N, M) scores, higher for a better match: the DCSM head's where
+        the model has one, else the scaled cosine. Dense scoring reads every pair's map: meant for scoring
+        candidate captions, never a whole retrieval."""
+        if self.dense_scorer is None:
+            return self.logit_scale() * self.encode_image(pixels) @ self.encode_text(texts).t()
+        tokens = {k: v.to(self.log_logit_scale.device) for k, v in dense_tokens(self.tokenizer, texts).items()}
+        text_tokens = self.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"])
+        maps = similarity_maps(self.encode_image_tokens(pixels), text_tokens, tokens["attention_mask"])
+        return self.dense_scorer(maps, tokens["functional"])
 
 
 def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,

@@ -74,6 +74,20 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)
 
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + P, num_features): the pooled feature `forward` returns, then P patch features.
+
+        A ViT's patches are its last tokens after the final norm (prefix tokens such as CLS dropped: the pooled
+        feature stands for them); a CNN's are the cells of its last feature map.
+        """
+        features = self.backbone.forward_features(pixels)
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        if features.ndim == 4:  # (B, C, H, W) -> (B, H * W, C)
+            patches = features.flatten(2).transpose(1, 2)
+        else:
+            patches = features[:, getattr(self.backbone, "num_prefix_tokens", 0):]
+        return torch.cat([pooled.unsqueeze(1), patches], dim=1)
+
     def enable_grad_checkpointing(self) -> None:
         try:
             self.backbone.set_grad_checkpointing(True)

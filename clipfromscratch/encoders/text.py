@@ -85,8 +85,11 @@ class TextTower(nn.Module):
         self.num_features: int = backbone.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
+        return pool(self.forward_tokens(input_ids, attention_mask), attention_mask, self.pooling)
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids, mask -> (B, L, num_features): the state of every position (padding's too)."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def enable_grad_checkpointing(self) -> None:
         try:  # non-reentrant: works under DDP and with inputs that need no gradient

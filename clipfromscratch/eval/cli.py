@@ -15,12 +15,13 @@ import torch
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.compare import compare
 from clipfromscratch.eval.models import load_eval_model
-from clipfromscratch.eval.plots import confusion_matrices, write_confusion_csv
+from clipfromscratch.eval.plots import confusion_matrices, failure_sheet, write_confusion_csv
 from clipfromscratch.eval.search import DEFAULT_CACHE_DIR, contact_sheet, search
 from clipfromscratch.eval.tasks import TASKS, EvalOptions, Evaluation, run_task
 
 DATA_HELP = ("synthetic | imagefolder:DIR | cifar10:ROOT | cifar100:ROOT | a .tsv/.csv caption table | "
-             "webdataset shards (a .tar, a directory, a brace pattern)")
+             "webdataset shards (a .tar, a directory, a brace pattern); compositional: synthetic | synthetic:2way | "
+             "whatsup:FILE | sugarcrepe:FILE | negbench:FILE | aro:FILE")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +32,11 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classnames", help="imagefolder: file of class names, one per folder in sorted order")
     parser.add_argument("--prompts", help="class-agnostic prompt file, one per line (default: 32 generic prompts)")
     parser.add_argument("--num-samples", type=int, help="images per split (synthetic default 1000; other data: a "
-                                                        "seeded random subset; default all)")
+                                                        "seeded random subset; default all); compositional: items "
+                                                        "(synthetic default 300)")
     parser.add_argument("--download", action="store_true", help="CIFAR: download into ROOT when missing (online)")
+    parser.add_argument("--images", help="compositional: the folder the annotation file's image paths are relative "
+                                         "to (default: the file's folder)")
     _run_flags(parser)
 
 
@@ -45,7 +49,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(args.data, args.label, args.templates, args.classnames, args.prompts, args.num_samples,
-                       args.batch_size, args.num_workers, args.seed, args.download)
+                       args.batch_size, args.num_workers, args.seed, args.download, args.images)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     # listed for the help screen only: `train` is parsed by clipfromscratch.config (see clipfromscratch.cli)
     commands.add_parser("train", help="train a CLIP model (the default command; same as python train.py)")
+    commands.add_parser("train-dcsm", help="train a DCSM head over a trained model's frozen towers")
     model_help = "an export directory, a .ckpt, openai:<hub name or dir>, or openclip:<arch>/<tag>"
 
     evaluate = commands.add_parser("eval", help="run one task on one model")
@@ -85,13 +90,18 @@ def run_eval(args: argparse.Namespace) -> None:
     result = run_task(args.task, Evaluation(model, options))
     print(json.dumps(result.metrics, indent=2))
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump({"model": model.name, "task": args.task, "data": options.data, "label": options.label,
-                       "metrics": result.metrics, "temperature_curve": result.temperature_curve}, f, indent=2)
+                       **result.blocks, "metrics": result.metrics, "temperature_curve": result.temperature_curve},
+                      f, indent=2)
+        stem = os.path.splitext(args.output)[0]
         if result.confusion is not None:
-            stem = os.path.splitext(args.output)[0] + "_confusion"
-            write_confusion_csv(stem + ".csv", result.classnames, result.confusion)
-            confusion_matrices(stem + ".png", {model.name: (result.classnames, result.confusion)})
+            write_confusion_csv(stem + "_confusion.csv", result.classnames, result.confusion)
+            confusion_matrices(stem + "_confusion.png", {model.name: (result.classnames, result.confusion)})
+        for scoring, failures in result.failures.items():
+            failure_sheet(f"{stem}_failures_{scoring}.png", failures, f"{model.name}: {scoring} scoring got these "
+                                                                      f"wrong")
 
 
 def run_compare(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from clipfromscratch.eval.models import load_eval_model
 from clipfromscratch.eval.tasks import EvalOptions, Evaluation, TaskResult, check_tasks, run_task
 
 # descriptions, not scores: no "best" among them
-UNRANKED = ("num_prompts", "max_entropy", "mean_entropy", "logreg_C")
+UNRANKED = ("num_prompts", "max_entropy", "mean_entropy", "logreg_C", "n_items", "chance")
 
 
 def is_ranked(metric: str) -> bool:

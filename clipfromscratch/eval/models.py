@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchEncoding, CLIPModel, CLIPProcessor
 
+from clipfromscratch.dcsm import DenseScorer
 from clipfromscratch.errors import UsageError
-from clipfromscratch.export import load_model, model_from_checkpoint, read_checkpoint
+from clipfromscratch.export import HEAD_CONFIG, load_head_beside, load_model, model_from_checkpoint, read_checkpoint
 from clipfromscratch.model import CLIP
 from clipfromscratch.tokenizers import tokenize
 
@@ -33,6 +34,11 @@ class EvalModel:
     logit_scale: float
     device: torch.device
     weights_mtime: float  # lets caches notice that the same SPEC now names retrained weights
+    # dense features, where the family has them, for DCSM: (B, 3, S, S) -> (B, I, D) image tokens (the pooled
+    # one first) and (B, T) ids, mask -> (B, T, D) caption tokens, unit vectors in the shared space
+    encode_image_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+    encode_text_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    dense_scorer: DenseScorer | None = None  # a trained DCSM head: the model scores pairs by it too
 
 
 def _mtime(path: str) -> float:
@@ -43,7 +49,8 @@ def from_clip(model: CLIP, name: str, weights_mtime: float = 0.0) -> EvalModel:
     """Wrap one of our CLIP modules (also used on the live model during training)."""
     device = model.log_logit_scale.device
     return EvalModel(name, model.encode_image, model.encode_text, model.preprocess, model.tokenizer,
-                     model.logit_scale().item(), device, weights_mtime)
+                     model.logit_scale().item(), device, weights_mtime, model.encode_image_tokens,
+                     model.encode_text_tokens, model.dense_scorer)
 
 
 def load_checkpoint(path: str, device: torch.device) -> CLIP:
@@ -94,8 +101,18 @@ def load_openai(source: str, device: torch.device) -> EvalModel:
     def preprocess(image: Image.Image) -> torch.Tensor:
         return processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
+    # every token as the pooled ones are made: the vision tower's post-norm (which it applies to CLS alone), then
+    # the projection; the text tower's states are normed already. Token 0 of the image is then the pooled one.
+    def encode_image_tokens(pixels: torch.Tensor) -> torch.Tensor:
+        hidden = model.vision_model(pixel_values=pixels).last_hidden_state
+        return F.normalize(model.visual_projection(model.vision_model.post_layernorm(hidden)), dim=-1)
+
+    def encode_text_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(model.text_projection(hidden), dim=-1)
+
     return EvalModel(f"openai:{source}", encode_image, encode_text, preprocess, tokenizer,
-                     model.logit_scale.exp().item(), device, _mtime(source))
+                     model.logit_scale.exp().item(), device, _mtime(source), encode_image_tokens, encode_text_tokens)
 
 
 def load_openclip(spec: str, device: torch.device) -> EvalModel:
@@ -122,11 +139,15 @@ ADAPTERS: dict[str, Callable[[str, torch.device], EvalModel]] = {"openai": load_
 
 
 def load_eval_model(spec: str, device: str | torch.device = "cpu") -> EvalModel:
-    """The model a SPEC names, in eval mode on `device`."""
+    """The model a SPEC names, in eval mode on `device`; a folder `train-dcsm` wrote for an `openai:` model
+    loads that model with its head."""
     family, colon, rest = spec.partition(":")
     device = torch.device(device)
     if colon and family in ADAPTERS:
         return ADAPTERS[family](rest, device)
+    if os.path.isfile(os.path.join(spec, HEAD_CONFIG)):
+        family, base, head = load_head_beside(spec, device)
+        return replace(ADAPTERS[family](base, device), name=spec, dense_scorer=head)
     return load_ours(spec, device)
 
 

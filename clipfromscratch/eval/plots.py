@@ -1,13 +1,17 @@
-"""Figures of the evaluation (matplotlib, drawn off-screen): confusion matrices, metric bars, temperature curves."""
+"""Figures of the evaluation, drawn off-screen: confusion matrices, metric bars, temperature curves (matplotlib),
+and contact sheets of failed compositional items (PIL)."""
 from __future__ import annotations
 
 import csv
+import math
+import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def write_confusion_csv(path: str, classnames: list[str], confusion: np.ndarray) -> None:
@@ -62,3 +66,28 @@ def temperature_curves(path: str, curves: dict[str, list[dict[str, float]]]) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def failure_sheet(path: str, failures: list, title: str, thumbnail: int = 112) -> None:
+    """Items a scoring got wrong, as thumbnails, each with its true caption and the one chosen instead.
+
+    `failures`: (ProbeItem, index of the chosen option) pairs; none: a sheet that says so.
+    """
+    columns = min(4, max(1, len(failures)))
+    rows = math.ceil(len(failures) / columns)
+    cell_w, cell_h, line = 3 * thumbnail, thumbnail + 8, 12
+    sheet = Image.new("RGB", (columns * cell_w, 20 + max(1, rows) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title if failures else f"{title}: none", fill="black")
+    for n, (item, chosen) in enumerate(failures):
+        x, y = (n % columns) * cell_w, 20 + (n // columns) * cell_h
+        image = item.load()
+        if image is not None:
+            image = image.copy()
+            image.thumbnail((thumbnail, thumbnail))
+            sheet.paste(image, (x + 2, y + 2))
+        lines = [(f"[{item.category}] true:", "black"), *[(t, "darkgreen") for t in textwrap.wrap(item.options[0], 34)],
+                 ("chosen:", "black"), *[(t, "darkred") for t in textwrap.wrap(item.options[chosen], 34)]]
+        for k, (text, colour) in enumerate(lines[: cell_h // line]):
+            draw.text((x + thumbnail + 8, y + 2 + k * line), text, fill=colour)
+    sheet.save(path)

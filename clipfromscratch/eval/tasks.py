@@ -20,6 +20,7 @@ from clipfromscratch.eval.class_agnostic import (
     tempered_probabilities,
 )
 from clipfromscratch.eval.cluster import kmeans_scores
+from clipfromscratch.eval.compositional import open_probes, score_items
 from clipfromscratch.eval.data import LabelledImages, open_captioned, open_labelled
 from clipfromscratch.eval.embed import encode_images, encode_texts
 from clipfromscratch.eval.models import EvalModel
@@ -43,6 +44,7 @@ class EvalOptions:
     num_workers: int = 0
     seed: int = 0
     download: bool = False  # CIFAR: fetch it when missing (needs the network)
+    images: str | None = None  # compositional: the root of the annotation file's image paths
 
 
 @dataclass
@@ -51,6 +53,8 @@ class TaskResult:
     classnames: list[str] | None = None
     confusion: np.ndarray | None = None  # (C, C), rows true class, columns predicted
     temperature_curve: list[dict[str, float]] = field(default_factory=list)
+    blocks: dict[str, dict[str, float]] = field(default_factory=dict)  # compositional: metrics per scoring
+    failures: dict[str, list] = field(default_factory=dict)  # compositional: (item, chosen option) per scoring
 
 
 class Evaluation:
@@ -144,9 +148,17 @@ def cluster(ev: Evaluation) -> TaskResult:
     return TaskResult(metrics)
 
 
+def compositional(ev: Evaluation) -> TaskResult:
+    o = ev.options
+    scored = score_items(ev.model, open_probes(o.data, o.images, o.num_samples, o.seed), o.batch_size)
+    return TaskResult({f"{name}/{k}": v for name, s in scored.items() for k, v in s.metrics.items()},
+                      blocks={name: s.metrics for name, s in scored.items()},
+                      failures={name: s.failures for name, s in scored.items()})
+
+
 TASKS: dict[str, Callable[[Evaluation], TaskResult]] = {
     "retrieval": retrieval, "zeroshot": zeroshot, "linear_probe": linear_probe, "class_agnostic": class_agnostic,
-    "cluster": cluster,
+    "cluster": cluster, "compositional": compositional,
 }
 
 
