@@ -26,7 +26,7 @@ from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, dense_tokens, similarity_maps
 from clipfromscratch.eval.compositional import SYNTHETIC_SIDE
 from clipfromscratch.model import build_model, resolve_image_size
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 OPTIONS = 4
 

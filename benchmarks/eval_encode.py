@@ -18,7 +18,7 @@ import torch
 
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.model import build_model
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 # (tower, size) -> batch size: the base towers at 224+ px get smaller batches so a round stays short
 TOWERS = {("vit", "tiny"): 256, ("resnet", "tiny"): 256, ("vit", "base"): 32, ("resnet", "base"): 32}

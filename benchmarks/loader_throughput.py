@@ -29,7 +29,7 @@ from clipfromscratch.data.datamodule import Collate
 from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.transforms import TRAIN_SCALE, RandomResizedCropNormalize
 from clipfromscratch.prep import captioned, writer
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 SIZE = 224
 BATCH = 64

@@ -53,7 +53,7 @@ from clipfromscratch.encoders.text import text_config
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from clipfromscratch.eval.tasks import EvalOptions
 from clipfromscratch.export import export_model, model_from_checkpoint, read_checkpoint
 from clipfromscratch.lit_module import MONITOR, CLIPModule
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
-from clipfromscratch.tokenizers import make_tokenizer, shared_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer, shared_tokenizer
 
 LAST_CKPT = "last.ckpt"
 RUN_TOKENIZER = "tokenizer"  # the run folder's tokenizer, written by rank 0 and read by every rank

@@ -15,7 +15,7 @@ from clipfromscratch.config import ModelConfig
 from clipfromscratch.dcsm import DenseScorer
 from clipfromscratch.errors import UsageError
 from clipfromscratch.model import CLIP, build_model
-from clipfromscratch.tokenizers import load_tokenizer, tokenizer_from_files, tokenizer_to_files
+from clipfromscratch.text_tokenizers import load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
 # a DCSM head trained on a model of another family, and that model

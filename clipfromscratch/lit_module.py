@@ -15,7 +15,7 @@ from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipfromscratch.export import checkpoint_entries
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import CLIP
-from clipfromscratch.tokenizers import tokenizer_fingerprint
+from clipfromscratch.text_tokenizers import tokenizer_fingerprint
 
 MONITOR = "val/mean_recall@1"  # what "best" means for checkpoints, plateau and early stopping
 

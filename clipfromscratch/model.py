@@ -15,7 +15,7 @@ from clipfromscratch.dcsm import DenseScorer, dense_tokens, similarity_maps
 from clipfromscratch.encoders.image import build_image_tower, default_image_size
 from clipfromscratch.encoders.text import build_text_tower, text_config
 from clipfromscratch.errors import UsageError
-from clipfromscratch.tokenizers import tokenize
+from clipfromscratch.text_tokenizers import tokenize
 
 # CLIP initialises the temperature at 0.07 and never lets the logit scale exceed 100
 INIT_LOGIT_SCALE = math.log(1 / 0.07)

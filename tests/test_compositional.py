@@ -20,7 +20,7 @@ from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.compositional import credit, open_probes
 from clipfromscratch.eval.models import load_eval_model
 from clipfromscratch.model import build_model
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 CAPTIONS = ["a red circle above a blue square", "a green star without a red circle", "no blue square"] * 10
 

@@ -17,7 +17,7 @@ from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.retrieval import first_occurrences
 from clipfromscratch.prep import captioned, coco, fashion, writer
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30),
            "purple": (150, 40, 190), "white": (250, 250, 250)}

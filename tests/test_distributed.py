@@ -19,7 +19,7 @@ from clipfromscratch.errors import UsageError
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import build_model
-from clipfromscratch.tokenizers import make_tokenizer, tokenize
+from clipfromscratch.text_tokenizers import make_tokenizer, tokenize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a small red circle on the left", "a blue square above a green triangle", "one large yellow star",

@@ -8,7 +8,7 @@ from clipfromscratch.encoders.text import build_text_tower
 from clipfromscratch.errors import UsageError
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import MLPHead, build_model
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 CAPTIONS = ["a small red circle on the left", "a blue square above a green triangle", "one large yellow star",
             "there is an orange cross in the middle", "a purple diamond to the right of a pink circle"] * 20

@@ -16,7 +16,7 @@ from clipfromscratch.eval.templates import load_templates
 from clipfromscratch.export import export_model, load_model
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.model import build_model
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 WORDS = ["a", "photo", "of", "red", "blue", "green", "circle", "square", "triangle", "star", "the", "."]
 CAPTIONS = ["a small red circle on the left", "a blue square above a green triangle", "one large yellow star"] * 10

@@ -9,7 +9,7 @@ from clipfromscratch.config import ModelConfig
 from clipfromscratch.errors import UsageError
 from clipfromscratch.export import export_model
 from clipfromscratch.model import build_model
-from clipfromscratch.tokenizers import make_tokenizer
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 CAPTIONS = ["a small red circle on the left", "a blue square above a green triangle", "one large yellow star"] * 10
 

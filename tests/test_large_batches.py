@@ -6,7 +6,7 @@ from clipfromscratch.config import ModelConfig, OptimConfig
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.loss import clip_loss
 from clipfromscratch.model import build_model
-from clipfromscratch.tokenizers import make_tokenizer, tokenize
+from clipfromscratch.text_tokenizers import make_tokenizer, tokenize
 
 CAPTIONS = ["a small red circle on the left", "a blue square above a green triangle", "one large yellow star",
             "there is an orange cross in the middle", "a purple diamond", "two pink circles",

@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clipfromscratch import tokenizers
+from clipfromscratch import text_tokenizers
 from clipfromscratch.errors import UsageError
-from clipfromscratch.tokenizers import (
+from clipfromscratch.text_tokenizers import (
     make_tokenizer,
     shared_tokenizer,
     tokenize,
@@ -57,7 +57,7 @@ def test_tokenize_pads_right_and_truncates():
 VARIED = [f"{size} {colour} {shape} {where}, photographed {when}" for size in ("a small", "one large", "two tiny")
           for colour in ("red", "ochre", "turquoise", "magenta") for shape in ("zigzag", "quadrilateral", "sphinx")
           for where in ("on the left", "beneath a jukebox") for when in ("today", "in 1999")]
-TRAIN_AND_PRINT = ("import sys; from clipfromscratch.tokenizers import make_tokenizer; "
+TRAIN_AND_PRINT = ("import sys; from clipfromscratch.text_tokenizers import make_tokenizer; "
                    "print(*(make_tokenizer(name, False, 'tiny', sys.argv[1:]).backend_tokenizer.to_str() "
                    "for name in ('bert', 'gpt2')), sep='\\n')")
 
@@ -91,14 +91,14 @@ def test_a_rank_that_waits_in_vain_says_why(tmp_path):
 def test_a_run_that_loses_the_cache_race_takes_the_winners_tokenizer(tmp_path, monkeypatch):
     cache = tmp_path / "tokenizers" / "abc"
     winner = make_tokenizer("bert", False, "tiny", ["a winner made this one"] * 5)
-    train = tokenizers.TRAINERS["wordpiece"]
+    train = text_tokenizers.TRAINERS["wordpiece"]
 
     def train_while_another_run_caches(captions, vocab_size):
         tok = train(captions, vocab_size)
         winner.save_pretrained(str(cache / f"wordpiece-{vocab_size}"))  # the other run renames its copy first
         return tok
 
-    monkeypatch.setitem(tokenizers.TRAINERS, "wordpiece", train_while_another_run_caches)
+    monkeypatch.setitem(text_tokenizers.TRAINERS, "wordpiece", train_while_another_run_caches)
     ours = make_tokenizer("bert", False, "tiny", CAPTIONS, str(cache))
     assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(winner)
     assert [p for p in os.listdir(cache) if p.startswith(".partial")] == []

@@ -9,7 +9,7 @@ import sys
 import pytorch_lightning as pl
 
 from clipfromscratch import cli
-from clipfromscratch.tokenizers import tokenizer_fingerprint
+from clipfromscratch.text_tokenizers import tokenizer_fingerprint
 
 
 class RankProbe(pl.Callback):

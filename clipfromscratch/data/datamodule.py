@@ -19,7 +19,7 @@ from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.transforms import image_transform
 from clipfromscratch.data.tsv import CaptionTable
-from clipfromscratch.tokenizers import tokenize
+from clipfromscratch.text_tokenizers import tokenize
 
 TABLE_SUFFIXES = (".tsv", ".csv")
 

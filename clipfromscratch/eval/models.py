@@ -19,7 +19,7 @@ from clipfromscratch.dcsm import DenseScorer
 from clipfromscratch.errors import UsageError
 from clipfromscratch.export import HEAD_CONFIG, load_head_beside, load_model, model_from_checkpoint, read_checkpoint
 from clipfromscratch.model import CLIP
-from clipfromscratch.tokenizers import tokenize
+from clipfromscratch.text_tokenizers import tokenize
 
 
 @dataclass
