@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
+from clipfromscratch.config import DataConfig
 from clipfromscratch.data.datamodule import Collate
 from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.transforms import TRAIN_SCALE, RandomResizedCropNormalize
@@ -86,7 +87,8 @@ def main() -> None:
                                     max_size=args.max_size, workers=1, source={})
         prep_cpu = os.times().children_user + os.times().children_system - children
 
-        shards = CaptionShards(os.path.join(root, "shards"), RandomResizedCropNormalize(SIZE, MEAN, STD), shuffle=True)
+        shards = CaptionShards(os.path.join(root, "shards"), RandomResizedCropNormalize(SIZE, MEAN, STD), shuffle=True,
+                               shuffle_buffer=DataConfig.shuffle_buffer)
         tokenizer = make_tokenizer("bert", False, "tiny", shards.captions())
         collate = Collate(tokenizer, 77)
 

@@ -8,7 +8,11 @@ medians over rounds, and ratios and fractions of peak are medians of the per-rou
 - ours_plain: the same model, loss and fused AdamW in a bare Python loop, so ours - ours_plain is Lightning's cost;
 - openclip: open_clip's CLIP + `open_clip.ClipLoss` + the same fused AdamW, stepped as `open_clip_train` does
   (cosine LR, zero_grad, forward, loss, backward, step, clamp the logit scale);
-- demo: ours on the CPU demo config (configs/demo_cpu.yaml: tiny ViT + tiny BERT at 32 px) and its synthetic batches.
+- demo: ours on the CPU demo config (configs/demo_cpu.yaml: tiny ViT + tiny BERT at 32 px) and its synthetic batches;
+- the training options, each on its own copy of ours: ours_patch_dropout (`--patch-dropout 0.5`), ours_siglip
+  (`--loss siglip`), ours_compiled (`--compile`: both towers compiled in place), and openclip_compiled (open_clip's
+  model under `torch.compile`, as open_clip_train's `--torch-compile` does). Compilation happens in the warm-up
+  steps of the first round.
 The pairs, the same architecture on both sides (`--pair`): `small` (the default, equal FLOPs): ViT width 192,
 6 layers, 3 heads, patch 16 at 64 px; causal text transformer width 192, 6 layers, 3 heads, context 32; embed 128.
 `vit-b-16`: CLIP ViT-B/16's sizes: ViT width 768, 12 layers, 12 heads, patch 16 at 224 px; text width 512,
@@ -46,12 +50,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from clipfromscratch.cli import compile_towers
 from clipfromscratch.config import ModelConfig, TrainConfig, load_config
 from clipfromscratch.data.datamodule import Collate
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.encoders.text import text_config
 from clipfromscratch.lit_module import CLIPModule
-from clipfromscratch.loss import clip_loss
+from clipfromscratch.loss import clip_loss, siglip_loss
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
 from clipfromscratch.text_tokenizers import make_tokenizer
 
@@ -125,11 +130,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
 
 
-def pair_model(pair: Pair = PAIRS["small"]) -> CLIP:
-    """Our model of `pair`, built through `build_model` as the CLI builds it, with the open_clip vocabulary."""
+def pair_model(pair: Pair = PAIRS["small"], **options) -> CLIP:
+    """Our model of `pair`, built through `build_model` as the CLI builds it, with the open_clip vocabulary;
+    `options` are ModelConfig fields (loss, patch_dropout)."""
     tokenizer = make_tokenizer("gpt2", False, "tiny", SyntheticCaptions("train", 1000, 0, 64).captions())
     special_ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
-    config = pair.ours()
+    config = replace(pair.ours(), **options)
     hf_config = text_config("gpt2", "tiny", config.text_overrides, PAIR_VOCAB, special_ids)
     return build_model(config, tokenizer, hf_config)
 
@@ -263,7 +269,10 @@ def demo_setup(batch_count: int) -> tuple[CLIPModule, list[dict], float | None]:
 
 
 def our_loss(module: CLIPModule, batch: dict) -> torch.Tensor:
-    return clip_loss(*module.embed(batch), module.model.logit_scale())
+    model = module.model
+    if model.logit_bias is None:
+        return clip_loss(*module.embed(batch), model.logit_scale())
+    return siglip_loss(*module.embed(batch), model.logit_scale(), model.logit_bias)
 
 
 def step_gflop(model: nn.Module, loss_of: Callable[[dict], torch.Tensor], batch: dict) -> float:
@@ -323,6 +332,12 @@ def run(args: argparse.Namespace) -> dict:
         ours_model, openclip = pair_model(pair).to(device), openclip_model(PAIR_VOCAB, pair).to(device)
         demo, demo_batches, demo_clip = demo_setup(4)
     ours = clip_module(ours_model)
+    with stdout_to_stderr():
+        options = {"ours_patch_dropout": clip_module(pair_model(pair, patch_dropout=0.5).to(device)),
+                   "ours_siglip": clip_module(pair_model(pair, loss="siglip").to(device)),
+                   "ours_compiled": clip_module(pair_model(pair).to(device))}
+    compile_towers(options["ours_compiled"].model)
+    openclip_compiled = torch.compile(openclip_model(PAIR_VOCAB, pair).to(device))
     batches = on(device, pair_batches(4, args.batch_size, pair=pair))
     demo_batches = on(device, demo_batches)
     demo.model.to(device)
@@ -333,7 +348,13 @@ def run(args: argparse.Namespace) -> dict:
         # demo captions are padded to the longest of each batch: average over the batches it cycles through
         "demo": statistics.mean(step_gflop(demo.model, functools.partial(our_loss, demo), b) for b in demo_batches),
     }
-    gflop["ours_plain"] = gflop["ours"]
+    gflop["ours_plain"] = gflop["ours_compiled"] = gflop["openclip_compiled"] = gflop["ours"]
+    gflop["ours_siglip"] = step_gflop(options["ours_siglip"].model, functools.partial(our_loss, options["ours_siglip"]),
+                                      batches[0])
+    # in training mode, as it trains: the vision tower sees half of its patches
+    gflop["ours_patch_dropout"] = step_gflop(options["ours_patch_dropout"].model.train(),
+                                             functools.partial(our_loss, options["ours_patch_dropout"]), batches[0])
+    vision_gflop = step_gflop(ours_model, lambda b: ours_model.encode_image(b["pixels"]).sum(), batches[0])
     plain, openclip_train = plain_step(ours_model, args.precision), openclip_step(openclip, args.precision)
     fit = functools.partial(lightning_step_times, steps=args.steps, warmup=args.warmup, accelerator=args.device,
                             precision=args.precision)
@@ -342,6 +363,9 @@ def run(args: argparse.Namespace) -> dict:
         "ours_plain": lambda: timed_loop(plain, batches, args.steps, args.warmup, device),
         "openclip": lambda: timed_loop(openclip_train, batches, args.steps, args.warmup, device),
         "demo": lambda: fit(demo, demo_batches, gradient_clip_val=demo_clip),
+        **{name: functools.partial(fit, module, batches) for name, module in options.items()},
+        "openclip_compiled": lambda: timed_loop(openclip_step(openclip_compiled, args.precision), batches, args.steps,
+                                                args.warmup, device),
     }
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     peaks = []
@@ -353,14 +377,25 @@ def run(args: argparse.Namespace) -> dict:
     rate = {name: median(values) for name, values in rates.items()}
     achieved = {name: gflop[name] * rate[name] / args.batch_size for name in rate}
     # other tenants' load changes within minutes: compare each figure with the others of its own round
-    ratio = median(ours / other for ours, other in zip(rates["ours"], rates["openclip"]))
+    def paired(name: str, other: str) -> float:
+        return round(median(a / b for a, b in zip(rates[name], rates[other])), 3)
+
+    ratio = paired("ours", "openclip")
     fraction = {name: median(gflop[name] * r / args.batch_size / p for r, p in zip(values, peaks))
                 for name, values in rates.items()}
     lightning_ms = median(1000 * args.batch_size * (1 / ours - 1 / plain)
                           for ours, plain in zip(rates["ours"], rates["ours_plain"]))
     return {
         "samples_per_s": round(rate["ours"], 1), "openclip_samples_per_s": round(rate["openclip"], 1),
-        "ratio": round(ratio, 3),
+        "ratio": ratio,
+        "patch_dropout_speedup": paired("ours_patch_dropout", "ours"),
+        "compile_speedup": paired("ours_compiled", "ours"),
+        "compiled_ratio": paired("ours_compiled", "openclip_compiled"),
+        "openclip_compile_speedup": paired("openclip_compiled", "openclip"),
+        "siglip_ratio": paired("ours_siglip", "ours"),
+        "vision_share_of_gflop": round(vision_gflop / gflop["ours"], 3),
+        "patch_dropout_gflop_per_step": round(gflop["ours_patch_dropout"], 2),
+        "siglip_gflop_per_step": round(gflop["ours_siglip"], 2),
         "achieved_gflops": round(achieved["ours"], 1), "peak_gflops": round(median(peaks), 1),
         "fraction_of_peak": round(fraction["ours"], 3),
         "openclip_achieved_gflops": round(achieved["openclip"], 1),
@@ -372,6 +407,7 @@ def run(args: argparse.Namespace) -> dict:
         "demo_samples_per_s": round(rate["demo"], 1), "demo_gflop_per_step": round(gflop["demo"], 3),
         "demo_achieved_gflops": round(achieved["demo"], 1), "demo_fraction_of_peak": round(fraction["demo"], 3),
         "peak_gflops_per_round": [round(p, 1) for p in peaks],
+        "samples_per_s_by_contender": {name: round(r, 1) for name, r in rate.items()},
         "samples_per_s_per_round": {name: [round(r, 1) for r in values] for name, values in rates.items()},
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
         "steps": args.steps, "warmup": args.warmup, "pair": args.pair, "device": args.device,

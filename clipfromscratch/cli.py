@@ -18,9 +18,11 @@ from dataclasses import replace
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from clipfromscratch.callbacks import CheckpointOnSigterm, ExponentialMovingAverage, StepProgressBar
 from clipfromscratch.config import TrainConfig, load_config, parse_devices, save_config
 from clipfromscratch.data.datamodule import CaptionDataModule
 from clipfromscratch.errors import UsageError
@@ -38,17 +40,21 @@ SIGTERM_EXIT = 143  # 128 + SIGTERM: the run did not finish, schedulers and torc
 EVAL_COMMANDS = ("eval", "compare", "search")
 
 
-class CheckpointOnSigterm(Callback):
-    """SIGTERM (pre-emption, a time limit, `kill`) makes Lightning stop after the current step: save that step."""
+def compile_towers(model: CLIP) -> None:
+    """torch.compile each tower in place (`Module.compile`: parameter names, and so checkpoints and exports, keep
+    no `_orig_mod.` prefix). Compilation happens at the first step; a platform that cannot compile is found here,
+    on a small function, and the run goes on eager."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as err:  # noqa: BLE001 - inductor fails with the errors of its toolchain, whatever they are
+        print(f"--compile: torch.compile does not work here, training eager ({_first_line(err)})", file=sys.stderr)
+        return
+    model.image_tower.compile()
+    model.text_tower.compile()
 
-    def __init__(self, path: str):
-        self.path = path
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path, weights_only=False)
-            if trainer.is_global_zero:
-                print(f"SIGTERM at step {trainer.global_step}: saved {self.path}; continue with --resume", flush=True)
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -99,7 +105,7 @@ def _logger(config: TrainConfig, output_dir: str) -> Logger:
 
 
 def _callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
-    run, data = config.run, config.data
+    run, data, optim = config.run, config.data, config.optim
     callbacks = [
         # last.ckpt on a step clock of its own, so a killed run resumes from at most that many steps back
         ModelCheckpoint(dirpath=output_dir, every_n_train_steps=run.checkpoint_every_n_steps, save_top_k=0,
@@ -117,6 +123,10 @@ def _callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
         callbacks.append(ZeroShotCallback(name, options, data.zeroshot_every_n_validations))
     if run.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(MONITOR, mode="max", patience=run.early_stopping_patience))
+    if optim.ema_decay is not None:
+        callbacks.append(ExponentialMovingAverage(decay=optim.ema_decay))
+    if _RICH_AVAILABLE:
+        callbacks.append(StepProgressBar())
     return callbacks
 
 
@@ -129,6 +139,8 @@ def _trainer(config: TrainConfig, output_dir: str) -> pl.Trainer:
         val_check_interval=run.val_every_n_steps, check_val_every_n_epoch=None,
         log_every_n_steps=run.log_every_n_steps, callbacks=_callbacks(config, output_dir),
         logger=_logger(config, output_dir), default_root_dir=output_dir, num_sanity_val_steps=0,
+        # its FLOPs column reads 0 without an example input; the run prints its own parameter counts
+        enable_model_summary=False,
         # "warn": ops without a deterministic kernel warn instead of stopping the run
         deterministic="warn" if run.deterministic else None,
     )
@@ -146,11 +158,26 @@ def _model(config: TrainConfig, data: CaptionDataModule, trainer: pl.Trainer, ch
                                    data.tokenizer_cache_dir),
             os.path.join(output_dir, RUN_TOKENIZER), trainer.global_rank)
         model = build_model(m, tokenizer)
-    model.lock_towers(image=config.optim.lock_image, text=config.optim.lock_text)
-    if config.optim.grad_checkpointing:
+    optim = config.optim
+    model.lock_towers(optim.lock_image, optim.lock_text, optim.lock_image_unlocked_groups,
+                      optim.lock_text_unlocked_layers)
+    if optim.grad_checkpointing:
         model.image_tower.enable_grad_checkpointing()
         model.text_tower.enable_grad_checkpointing()
+    if config.run.compile:
+        compile_towers(model)
+    if trainer.is_global_zero:
+        print(_parameter_counts(model), flush=True)
     return model
+
+
+def _parameter_counts(model: CLIP) -> str:
+    def millions(module: torch.nn.Module, trainable: bool = False) -> str:
+        return f"{sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable) / 1e6:.2f}M"
+
+    c = model.config
+    return (f"model: image tower {c.image_encoder} {millions(model.image_tower)}, text tower {c.text_encoder} "
+            f"{millions(model.text_tower)}, {millions(model)} in all, {millions(model, trainable=True)} trainable")
 
 
 def _report(trainer: pl.Trainer, module: CLIPModule, data: CaptionDataModule, config: TrainConfig,

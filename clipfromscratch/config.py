@@ -4,7 +4,8 @@ The options come in sections, each read by the part of the code it configures: `
 saved with every checkpoint and export), `data` (the DataModule), `optim` (the LightningModule) and `run` (the
 Trainer and the run folder). Every field is a flag (`embed_dim` -> `--embed-dim`) and a flat YAML key, and its
 value is checked here, once, against its type, its choices and its range; the help text says what is accepted.
-The resolved config is saved with each run.
+The resolved config is saved with each run. Evaluation's options (`EvalOptions`) are a section of the same kind:
+`options_of`, `add_flags` and `section_from` make and check the flags of any such sections.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import math
 import os
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 import yaml
 
@@ -61,6 +63,11 @@ class ModelConfig:
     head: str = opt("linear", "projection head: linear (no bias, as CLIP) or mlp (GELU, dropout, residual, LayerNorm)",
                     ("linear", "mlp"))
     head_dropout: float = opt(0.1, "dropout inside the mlp head", at_least=0, below=1)
+    loss: str = opt("clip", "contrastive loss: clip (softmax InfoNCE, temperature from 0.07) or siglip (pairwise "
+                            "sigmoid with a learned bias, scale from 10 and bias from -10, as SigLIP)",
+                    ("clip", "siglip"))
+    patch_dropout: float = opt(0.0, "share of a ViT's patch tokens dropped at random in training, never in "
+                                    "evaluation (FLIP; timm's patch_drop_rate)", at_least=0, below=1)
     pretrained_image: bool = opt(False, "load published image tower weights (needs the network or a warm cache)")
     pretrained_text: bool = opt(False, "load published text tower weights and its tokenizer")
     text_pooling: str | None = opt(None, "text pooling (default: the family's: bert cls, gpt2 last)",
@@ -82,7 +89,8 @@ class DataConfig:
     synthetic_val_samples: int = opt(1_000, "held-out synthetic validation samples", at_least=1)
     csv_img_key: str = opt("filepath", "image path column of a caption table")
     csv_caption_key: str = opt("caption", "caption column of a caption table")
-    csv_separator: str = opt("\t", "column separator of a caption table (one character)")
+    csv_separator: str | None = opt(None, "column separator of a caption table, one character (default: by its "
+                                          "suffix, a comma for .csv and a tab otherwise)")
     shuffle_buffer: int = opt(1000, "samples in the shuffle buffer of streamed training shards", at_least=1)
     dataset_resampled: bool = opt(False, "draw training shards at random with replacement, an endless stream cut "
                                          "into epochs of --train-num-samples (for multi-node training)")
@@ -124,6 +132,15 @@ class OptimConfig:
     grad_checkpointing: bool = opt(False, "recompute tower activations in backward: less memory, more compute")
     lock_image: bool = opt(False, "freeze the image tower, norm statistics included (LiT); its head still trains")
     lock_text: bool = opt(False, "freeze the text tower (LiT); its head still trains")
+    lock_image_unlocked_groups: int = opt(0, "with --lock-image: the last N layer groups of the image tower (timm's "
+                                             "groups: stem, each block or stage, final norm) still train", at_least=0)
+    lock_text_unlocked_layers: int = opt(0, "with --lock-text: the last N transformer layers of the text tower (and "
+                                            "its final norm) still train", at_least=0)
+    layer_decay: float = opt(1.0, "layer-wise lr decay: each tower layer group's lr is the lr times this to the "
+                                  "power of its depth from the top (for pretrained towers; 1: off)", above=0,
+                             at_most=1)
+    ema_decay: float | None = opt(None, "keep an exponential moving average of the weights with this decay per "
+                                        "step; validation, checkpoints and the export use it", above=0, below=1)
     skip_nonfinite: bool = opt(False, "skip (and count) steps whose loss is NaN or inf instead of stopping the run")
 
 
@@ -146,6 +163,8 @@ class RunConfig:
     checkpoint_every_n_steps: int = opt(100, "write last.ckpt every this many steps, so a killed run loses little",
                                         at_least=1)
     log_every_n_steps: int = opt(10, "training steps between logged rows", at_least=1)
+    compile: bool = opt(False, "torch.compile the towers (falls back to eager, with one line, where the platform "
+                               "cannot compile)")
     seed: int = opt(0, "random seed for weights, data order and synthetic data", at_least=0, at_most=2**32 - 1)
     deterministic: bool = opt(False, "deterministic GPU kernels where torch has them (slower): the same seed then "
                                      "gives the same run on GPUs too; CPU runs are reproducible without it")
@@ -170,9 +189,7 @@ class TrainConfig:
     @classmethod
     def from_flat(cls, values: dict) -> TrainConfig:
         """Flat {option: value} (YAML keys, flags) -> sections; every value checked by `_coerce`."""
-        return cls(**{name: section(**{f.name: _coerce(f.name, values[f.name])
-                                       for f in fields(section) if f.name in values})
-                      for name, section in SECTIONS.items()})
+        return cls(**{name: section_from(section, values) for name, section in SECTIONS.items()})
 
     def flat(self) -> dict:
         """{option: value} as YAML recipes and flags name them."""
@@ -190,15 +207,25 @@ class TrainConfig:
         if self.data.dataset_resampled and self.data.train_num_samples is None:
             raise UsageError("--dataset-resampled needs --train-num-samples (the samples in one epoch)")
         parse_devices(self.run.devices)
+        for unlocked, locked, flag in ((self.optim.lock_image_unlocked_groups, self.optim.lock_image, "image"),
+                                       (self.optim.lock_text_unlocked_layers, self.optim.lock_text, "text")):
+            if unlocked and not locked:
+                raise UsageError(f"--lock-{flag}-unlocked-{'groups' if flag == 'image' else 'layers'} applies to a "
+                                 f"locked tower: add --lock-{flag}")
 
 
-OPTIONS = {f.name: (f, section) for section in SECTIONS.values() for f in fields(section)}
+def options_of(sections: Iterable[type]) -> dict[str, tuple[Field, type]]:
+    """{option: (its field, its section)} of dataclass sections whose fields are made with `opt`."""
+    return {f.name: (f, section) for section in sections for f in fields(section)}
 
 
-def _base_type(name: str) -> tuple[type, bool]:
+OPTIONS = options_of(SECTIONS.values())
+
+
+def _base_type(spec: Field, section: type) -> tuple[type, bool]:
     """'int | None' -> (int, True): the field's type and whether `none` is a value it takes."""
-    spec, section = OPTIONS[name]
-    hint = typing.get_type_hints(section)[name]  # annotations are strings under `from __future__ import annotations`
+    # annotations are strings under `from __future__ import annotations`
+    hint = typing.get_type_hints(section)[spec.name]
     if isinstance(hint, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None)), True
     return hint, False
@@ -215,10 +242,10 @@ def _range_words(bounds: dict) -> str:
     return " and ".join(f"{k} {v:g}" for k, v in bounds.items())
 
 
-def _coerce(name: str, value):
+def _coerce(spec: Field, section: type, value):
     """Check and convert one value to its field's type, choices and range; `none` where the type allows None."""
-    spec, _ = OPTIONS[name]
-    kind, optional = _base_type(name)
+    name = spec.name
+    kind, optional = _base_type(spec, section)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if not optional:
             raise UsageError(f"option {name} cannot be empty")
@@ -254,6 +281,11 @@ def _coerce(name: str, value):
     return value
 
 
+def section_from(section: type, values: dict):
+    """`section` from {option: value}: the values of its fields checked by `_coerce`, its defaults for the rest."""
+    return section(**{f.name: _coerce(f, section, values[f.name]) for f in fields(section) if f.name in values})
+
+
 def read_yaml(path: str) -> dict:
     """The options of a YAML recipe, checked against the known names."""
     if not os.path.isfile(path):
@@ -285,17 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipfromscratch train", description="Train a CLIP model from scratch.",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML recipe; flags given here win over it")
-    for name, (spec, _) in OPTIONS.items():
+    add_flags(parser, OPTIONS, SHORT_FLAGS)
+    return parser
+
+
+def add_flags(parser: argparse.ArgumentParser, options: dict[str, tuple[Field, type]],
+              short_flags: dict[str, str] | None = None) -> None:
+    """One flag per option of `options_of(...)`, its value left as text for `section_from` to check; a flag not
+    given is absent from the parsed arguments, so that the default (or a recipe's value) stands."""
+    for name, (spec, section) in options.items():
         flags = [f"--{name.replace('_', '-')}"]
-        if name in SHORT_FLAGS:
-            flags.insert(0, SHORT_FLAGS[name])
-        if _base_type(name)[0] is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=_help(spec))
+        if short_flags and name in short_flags:
+            flags.insert(0, short_flags[name])
+        common = {"dest": name, "default": argparse.SUPPRESS, "help": _help(spec)}
+        if _base_type(spec, section)[0] is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         else:
             choices = spec.metadata["choices"]
             metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
-            parser.add_argument(*flags, dest=name, metavar=metavar, help=_help(spec))
-    return parser
+            parser.add_argument(*flags, metavar=metavar, **common)
 
 
 def load_config(argv: list[str]) -> TrainConfig:
@@ -307,6 +347,7 @@ def load_config(argv: list[str]) -> TrainConfig:
         run_dir = resume if os.path.isdir(resume) else os.path.dirname(resume)
         if os.path.isfile(os.path.join(run_dir, "config.yaml")):
             values.update(read_yaml(os.path.join(run_dir, "config.yaml")))
+            values.pop("output_dir", None)  # the run goes on where its checkpoint is, even if the folder has moved
     if "config" in args:
         values.update(read_yaml(args.pop("config")))
     values.update(args)

@@ -13,7 +13,7 @@ from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipfromscratch.export import checkpoint_entries
-from clipfromscratch.loss import clip_loss
+from clipfromscratch.loss import clip_loss, siglip_loss
 from clipfromscratch.model import CLIP
 from clipfromscratch.text_tokenizers import tokenizer_fingerprint
 
@@ -74,8 +74,12 @@ class CLIPModule(pl.LightningModule):
         if batch is None:  # every sample of the batch was unreadable
             return None
         image_features, text_features = self.embed(batch)
-        scale = self.model.logit_scale()
-        loss = clip_loss(image_features, text_features, scale)
+        scale, bias = self.model.logit_scale(), self.model.logit_bias
+        if bias is None:
+            loss = clip_loss(image_features, text_features, scale)
+        else:
+            loss = siglip_loss(image_features, text_features, scale, bias)
+            self.log("train/logit_bias", bias)
         # every rank must take the same decision, or DDP waits forever for the rank that skipped
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             if not self.optim.skip_nonfinite:
@@ -131,13 +135,28 @@ class CLIPModule(pl.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
         self.log(MONITOR, (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2, prog_bar=True)
 
+    def lr_scales(self) -> dict[int, float]:
+        """{id(parameter): lr multiplier} under --layer-decay F: a tower's layer group g of G (from the input up)
+        trains at F ** (G - g), so its top group at F and its stem at F ** G; heads and the scale at 1."""
+        scales: dict[int, float] = {}
+        if self.optim.layer_decay == 1.0:
+            return scales
+        for tower in (self.model.image_tower, self.model.text_tower):
+            groups = tower.layer_groups()
+            scales.update({id(p): self.optim.layer_decay ** (len(groups) - g)
+                           for g, group in enumerate(groups) for p in group})
+        return scales
+
     def configure_optimizers(self):
         optim = self.optim
-        # no weight decay on biases, norms or the temperature: decaying log(1/T) collapses the scale
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # the fused kernel is ~5x faster per step on CPU as on GPU
+        scales = self.lr_scales()
+        by_group: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+        for p in (p for p in self.model.parameters() if p.requires_grad):
+            # no weight decay on biases, norms, the temperature and SigLIP's bias: decaying log(1/T) collapses it
+            by_group.setdefault((p.ndim >= 2, scales.get(id(p), 1.0)), []).append(p)
+        groups = [{"params": params, "weight_decay": optim.weight_decay if decay else 0.0, "lr": optim.lr * scale}
+                  for (decay, scale), params in by_group.items()]
+        # fused: one kernel over all parameters instead of a loop of small ones, on CPU as on GPU
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, fused=True)
         if optim.lr_schedule == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(

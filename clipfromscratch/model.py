@@ -17,8 +17,10 @@ from clipfromscratch.encoders.text import build_text_tower, text_config
 from clipfromscratch.errors import UsageError
 from clipfromscratch.text_tokenizers import tokenize
 
-# CLIP initialises the temperature at 0.07 and never lets the logit scale exceed 100
-INIT_LOGIT_SCALE = math.log(1 / 0.07)
+# CLIP initialises the temperature at 0.07 and never lets the logit scale exceed 100; SigLIP starts its scale at
+# 10 and its bias at -10, so that the many negative pairs start with a small loss
+INIT_LOGIT_SCALE = {"clip": math.log(1 / 0.07), "siglip": math.log(10)}
+INIT_LOGIT_BIAS = -10.0
 MAX_LOGIT_SCALE = math.log(100)
 
 
@@ -71,22 +73,42 @@ class CLIP(nn.Module):
         self.image_head = make_head(config.head, image_tower.num_features, config.embed_dim, config.head_dropout)
         self.text_head = make_head(config.head, text_tower.num_features, config.embed_dim, config.head_dropout)
         # learn log(1/T) so the temperature stays positive
-        self.log_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        self.log_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE[config.loss]))
+        self.logit_bias = nn.Parameter(torch.tensor(INIT_LOGIT_BIAS)) if config.loss == "siglip" else None
         self.preprocess = image_transform(config.image_size, image_tower.mean, image_tower.std, train=False)
-        self.locked_towers: list[nn.Module] = []
+        self.locked_modules: list[nn.Module] = []
         self.dense_scorer: DenseScorer | None = None  # a DCSM head, trained afterwards by `train-dcsm`
 
-    def lock_towers(self, image: bool, text: bool) -> None:
-        """Freeze towers (LiT): no gradients, and eval mode for good so norm statistics and dropout stay fixed."""
-        for tower in [t for t, lock in ((self.image_tower, image), (self.text_tower, text)) if lock]:
-            tower.requires_grad_(False)
-            self.locked_towers.append(tower)
+    def lock_towers(self, image: bool, text: bool, image_unlocked_groups: int = 0, text_unlocked_layers: int = 0
+                    ) -> None:
+        """Freeze towers (LiT): no gradients, and eval mode for good so norm statistics and dropout stay fixed.
+
+        With N unlocked groups (layers) the tower's last N layer groups still train; of the rest, every module
+        whose own parameters are all frozen stays in eval mode (a ResNet's frozen BatchNorm statistics stay put).
+        """
+        for tower, lock, unlocked in ((self.image_tower, image, image_unlocked_groups),
+                                      (self.text_tower, text, text_unlocked_layers)):
+            if not lock:
+                continue
+            if unlocked == 0:
+                tower.requires_grad_(False)
+                self.locked_modules.append(tower)
+                continue
+            groups = tower.layer_groups()
+            if unlocked >= len(groups):
+                raise UsageError(f"{unlocked} unlocked groups leave nothing of the {len(groups)} layer groups of the "
+                                 f"{'image' if tower is self.image_tower else 'text'} tower locked")
+            for group in groups[:-unlocked]:
+                for p in group:
+                    p.requires_grad_(False)
+            self.locked_modules += [m for m in tower.modules() if (own := list(m.parameters(recurse=False)))
+                                    and not any(p.requires_grad for p in own)]
         self.train(self.training)
 
     def train(self, mode: bool = True) -> CLIP:
         super().train(mode)
-        for tower in self.locked_towers:
-            tower.eval()
+        for module in self.locked_modules:
+            module.eval()
         return self
 
     def logit_scale(self) -> torch.Tensor:
@@ -137,7 +159,7 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,
     """Build the towers named in `config`; a from-scratch text tower gets the vocabulary of `tokenizer`."""
     config = resolve_image_size(config)
     image_tower = build_image_tower(config.image_encoder, config.model_size, config.pretrained_image,
-                                    config.image_size, config.image_overrides)
+                                    config.image_size, config.image_overrides, config.patch_dropout)
     if text_hf_config is None and not config.pretrained_text:
         special_ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
         text_hf_config = text_config(config.text_encoder, config.model_size, config.text_overrides,

@@ -4,6 +4,8 @@ import os
 import runpy
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 
@@ -20,6 +22,7 @@ def _run(script: str, args: list[str], monkeypatch, capfd) -> dict:
     return json.loads(line)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_recipe_and_its_resume_then_the_throughput(tmp_path, monkeypatch, capfd):
     result = _run("gpu_check.py", ["--smoke", "--output", str(tmp_path)], monkeypatch, capfd)
     recipes = {r["recipe"]: r for r in result["recipes"]}

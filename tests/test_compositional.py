@@ -261,6 +261,7 @@ def test_compare_compositional_reports_each_category(models, tmp_path, capsys):
     assert (out / "compositional.png").is_file()
 
 
+@pytest.mark.slow
 def test_train_dcsm_exports_a_model_whose_score_uses_the_head(models, tmp_path, capsys):
     out = tmp_path / "with-head"
     assert main(["train-dcsm", "--model", models[0], "--output", str(out), "--max-steps", "15",
@@ -287,6 +288,7 @@ def _text_tokens(model, texts):
     return model.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"]), tokens["attention_mask"]
 
 
+@pytest.mark.slow
 def test_train_dcsm_on_an_openai_model_and_on_captions(models, benchmarks, tmp_path, capsys):
     out = tmp_path / "openai-with-head"
     assert main(["train-dcsm", "--model", models[1], "--output", str(out), "--max-steps", "5",

@@ -2,17 +2,41 @@ import glob
 import os
 
 import pytest
+import torch
+from torch import nn
 
 from clipfromscratch.config import TrainConfig, load_config, read_yaml, save_config
 from clipfromscratch.errors import UsageError
+from clipfromscratch.model import MLPHead, build_model
+from clipfromscratch.text_tokenizers import make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+# the timm and transformers classes a tower name builds (text: and how it pools)
+IMAGE_BACKBONES = {"resnet": "ResNet", "vit": "VisionTransformer", "xception": "XceptionAligned"}
+TEXT_BACKBONES = {"bert": ("BertModel", "cls"), "gpt2": ("GPT2Model", "last")}
 
 
 def test_there_are_recipes():
     names = {os.path.basename(p) for p in RECIPES}
     assert {"demo_cpu.yaml", "coco_xception_bert.yaml", "fashion_vit_gpt2.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_builds_the_towers_and_heads_it_names(path):
+    recipe = read_yaml(path)
+    config = load_config(["--config", path, "--model-size", "tiny"]).model  # the recipe's families, at test size
+    torch.manual_seed(0)
+    model = build_model(config, make_tokenizer(config.text_encoder, False, "tiny", ["a red circle", "a blue square"]))
+    assert type(model.image_tower.backbone).__name__ == IMAGE_BACKBONES[recipe["image_encoder"]]
+    text_class, pooling = TEXT_BACKBONES[recipe["text_encoder"]]
+    assert (type(model.text_tower.backbone).__name__, model.text_tower.pooling) == (text_class, pooling)
+    head = MLPHead if recipe.get("head") == "mlp" else nn.Linear
+    assert isinstance(model.image_head, head) and isinstance(model.text_head, head)
+    width, side = recipe.get("embed_dim", 256), model.config.image_size  # 256: ModelConfig's default
+    with torch.no_grad():
+        assert model.encode_image(torch.zeros(2, 3, side, side)).shape == (2, width)
+        assert model.encode_text(["a red circle", "a blue square"]).shape == (2, width)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)

@@ -10,12 +10,15 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from clipfromscratch.config import DataConfig
+from clipfromscratch.data.samples import NO_CAPTION, NO_IMAGE, UNREADABLE_IMAGE
 from clipfromscratch.data.shard_index import IndexedShards
 from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls
 from clipfromscratch.data.tsv import CaptionTable
 from clipfromscratch.errors import UsageError
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+BUFFER = DataConfig.shuffle_buffer
 
 
 def transform(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -76,7 +79,7 @@ def test_table_resolves_paths_against_its_folder_and_groups_images(tmp_path, mon
     assert [s["caption"] for s in samples] == ["a red square", "a green square", "red, again", "green, absolute"]
     assert [colour_of(s["pixels"]) for s in samples] == ["red", "green", "red", "green"]
     assert [s["image_id"] for s in samples] == [0, 1, 0, 1]
-    assert ds.skipped_rows == 0 and ds.unreadable_images == 0
+    assert ds.skipped_rows == 0 and ds.skipped == {}
 
 
 def test_table_custom_columns_and_separator(tmp_path):
@@ -113,7 +116,7 @@ def test_table_unreadable_images_are_none_and_counted(tmp_path):
                         "garbage.png\tgarbage\nmissing.png\tmissing\ntruncated.jpg\ttruncated\ngood.png\tgood\n")
     ds = CaptionTable(table, transform)
     assert [ds[i] for i in range(3)] == [None, None, None]
-    assert ds.unreadable_images == 3
+    assert ds.skipped == {UNREADABLE_IMAGE: 3}
     assert ds[3]["caption"] == "good" and colour_of(ds[3]["pixels"]) == "green"
 
 
@@ -194,7 +197,7 @@ def expected_captions() -> list[str]:
 
 
 def test_shards_in_order_every_sample_once(two_shards):
-    ds = CaptionShards(two_shards, transform, shuffle=False)
+    ds = CaptionShards(two_shards, transform, shuffle=False, shuffle_buffer=BUFFER)
     samples = list(ds)
     assert [s["caption"] for s in samples] == expected_captions()
     for s in samples:
@@ -202,14 +205,15 @@ def test_shards_in_order_every_sample_once(two_shards):
     ids = [s["image_id"] for s in samples]
     assert len(set(ids)) == len(ids) and all(0 <= i < 2**63 for i in ids)
     # stable: another instance (as on another rank) gives the same ids
-    assert [s["image_id"] for s in CaptionShards(two_shards, transform, shuffle=False)] == ids
+    again = CaptionShards(two_shards, transform, shuffle=False, shuffle_buffer=BUFFER)
+    assert [s["image_id"] for s in again] == ids
     assert list(ds.captions()) == expected_captions()
-    assert ds.skipped == 0
+    assert ds.skipped == {}
 
 
 def test_shards_shuffled_same_set_deterministic_by_seed(two_shards):
-    first = [s["caption"] for s in CaptionShards(two_shards, transform, shuffle=True, seed=3)]
-    ds = CaptionShards(two_shards, transform, shuffle=True, seed=3)
+    first = [s["caption"] for s in CaptionShards(two_shards, transform, shuffle=True, seed=3, shuffle_buffer=BUFFER)]
+    ds = CaptionShards(two_shards, transform, shuffle=True, seed=3, shuffle_buffer=BUFFER)
     again = [s["caption"] for s in ds]
     assert sorted(first) == sorted(expected_captions())
     assert first == again and first != expected_captions()
@@ -223,13 +227,14 @@ def test_shards_split_across_ranks(two_shards, monkeypatch, shuffle):
     per_rank = []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
-        per_rank.append([s["caption"] for s in CaptionShards(two_shards, transform, shuffle=shuffle)])
+        stream = CaptionShards(two_shards, transform, shuffle=shuffle, shuffle_buffer=BUFFER)
+        per_rank.append([s["caption"] for s in stream])
     assert all(len(captions) == 6 for captions in per_rank)
     assert sorted(per_rank[0] + per_rank[1]) == sorted(expected_captions())
 
 
 def test_shards_split_across_loader_workers(two_shards):
-    loader = torch.utils.data.DataLoader(CaptionShards(two_shards, transform, shuffle=False),
+    loader = torch.utils.data.DataLoader(CaptionShards(two_shards, transform, shuffle=False, shuffle_buffer=BUFFER),
                                          batch_size=None, num_workers=2)
     assert sorted(s["caption"] for s in loader) == sorted(expected_captions())
 
@@ -242,20 +247,20 @@ def test_corrupt_shard_samples_are_skipped_and_counted(tmp_path, caplog):
         {"__key__": "0003", "txt": "a caption without an image"},
         {"__key__": "0004", "webp": image_bytes("blue", "WEBP"), "txt": "a blue webp"},
     ])
-    ds = CaptionShards(shard, transform, shuffle=False)
+    ds = CaptionShards(shard, transform, shuffle=False, shuffle_buffer=BUFFER)
     with caplog.at_level(logging.WARNING):
         samples = list(ds)
     assert [s["caption"] for s in samples] == ["a red square 0000", "a blue webp"]
     assert colour_of(samples[1]["pixels"]) == "blue"
-    assert ds.skipped == 3
+    assert ds.skipped == {UNREADABLE_IMAGE: 1, NO_CAPTION: 1, NO_IMAGE: 1}
     assert sum("skipping sample" in r.getMessage() for r in caplog.records) == 3
     # captions() reads only the .txt and .json members, so it never sees that an image is broken
     assert list(ds.captions()) == ["a red square 0000", "a broken image", "a caption without an image", "a blue webp"]
     # evaluation: samples without image or caption never become rows; the broken image is a counted None
     indexed = IndexedShards(shard, transform)
-    assert indexed.skipped == 2 and [caption for _, caption in indexed.rows] == [
+    assert indexed.skipped == {NO_CAPTION: 1, NO_IMAGE: 1} and [caption for _, caption in indexed.rows] == [
         "a red square 0000", "a broken image", "a blue webp"]
-    assert indexed[1] is None and indexed.skipped == 3
+    assert indexed[1] is None and indexed.skipped == ds.skipped
     assert colour_of(indexed[2]["pixels"]) == "blue"
 
 
@@ -264,7 +269,7 @@ def test_truncated_shard_is_skipped_not_fatal(tmp_path, caplog):
     write_shard(tmp_path / "b.tar", [ok_sample(f"{i:04d}", "green") for i in range(3)])
     data = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
-    ds = CaptionShards(f"{tmp_path / 'b.tar'}::{good}", transform, shuffle=False)
+    ds = CaptionShards(f"{tmp_path / 'b.tar'}::{good}", transform, shuffle=False, shuffle_buffer=BUFFER)
     with caplog.at_level(logging.WARNING):
         captions = [s["caption"] for s in ds]
     assert captions[-1] == "a red square 0000" and len(captions) < 4
@@ -279,7 +284,7 @@ def test_img2dataset_output_is_read_as_it_is(tmp_path):
         for i, colour in enumerate(COLOURS)])
     (tmp_path / "00000_stats.json").write_text("{}")
     (tmp_path / "00000.parquet").write_bytes(b"PAR1")
-    streamed = list(CaptionShards(str(tmp_path), transform, shuffle=False))
+    streamed = list(CaptionShards(str(tmp_path), transform, shuffle=False, shuffle_buffer=BUFFER))
     assert [(colour_of(s["pixels"]), s["caption"]) for s in streamed] == [(c, f"a {c} square") for c in COLOURS]
     indexed = IndexedShards(str(tmp_path), transform)
     assert [indexed[i]["caption"] for i in range(len(indexed))] == [f"a {c} square" for c in COLOURS]

@@ -23,6 +23,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
            "purple": (150, 40, 190), "white": (250, 250, 250)}
 MAX_SIZE = 48
 PREP = ["--workers", "2", "--max-size", str(MAX_SIZE), "--shard-size", "4"]
+BUFFER = DataConfig.shuffle_buffer
 
 
 def save(path, colour: str, size=(40, 30), fmt="JPEG", mode="RGB") -> None:
@@ -353,17 +354,18 @@ def test_training_stream_splits_by_rank_and_worker(coco_out, monkeypatch):
     seen = []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
-        seen += [s["image_id"] for s in CaptionShards(spec, None, shuffle=True, num_workers=1)]
+        seen += [s["image_id"] for s in CaptionShards(spec, None, shuffle=True, shuffle_buffer=BUFFER,
+                                                      num_workers=1)]
     assert len(seen) == 8 and len(set(seen)) == 8  # every image once per epoch over both ranks
 
     with pytest.raises(UsageError, match="3 training shards for 4 readers .2 ranks x 2 workers.: use "):
-        CaptionShards(spec, None, shuffle=True, num_workers=2).check_readers(2)
+        CaptionShards(spec, None, shuffle=True, shuffle_buffer=BUFFER, num_workers=2).check_readers(2)
 
     # resampled: every rank and worker yields exactly its share of the epoch, rounded up to whole batches
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
-        stream = CaptionShards(spec, None, shuffle=True, resampled=True, epoch_samples=50, batch_size=4,
-                               num_workers=2)
+        stream = CaptionShards(spec, None, shuffle=True, shuffle_buffer=BUFFER, resampled=True, epoch_samples=50,
+                               batch_size=4, num_workers=2)
         assert len(stream) == 32  # per rank: ceil(50 / (2 ranks x 2 workers x 4)) = 4 batches of 4 per worker
         for worker in range(2):
             monkeypatch.setenv("WORKER", str(worker))
@@ -372,7 +374,7 @@ def test_training_stream_splits_by_rank_and_worker(coco_out, monkeypatch):
 
 
 def test_training_draws_a_random_caption_per_visit(coco_out):
-    stream = CaptionShards(str(coco_out / "train" / "000000.tar"), None, shuffle=True)
+    stream = CaptionShards(str(coco_out / "train" / "000000.tar"), None, shuffle=True, shuffle_buffer=BUFFER)
     drawn = {}
     for _ in range(12):
         for sample in stream:
@@ -382,6 +384,7 @@ def test_training_draws_a_random_caption_per_visit(coco_out):
     assert drawn["green"] == {f"a green picture number {k}" for k in range(2)}
 
 
+@pytest.mark.slow
 def test_train_on_prepared_shards_learns(tmp_path, capsys):
     colours = list(COLOURS)
     for split, count in (("train", 96), ("val", 24)):

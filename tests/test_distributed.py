@@ -1,4 +1,5 @@
-"""The loss under DDP sees every rank's negatives: 2 gloo processes give the single-process loss and gradients."""
+"""The losses under DDP see every rank's negatives: 2 gloo processes give the single-process loss and gradients,
+for CLIP's loss and SigLIP's."""
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipfromscratch.config import ModelConfig, OptimConfig
 from clipfromscratch.errors import UsageError
 from clipfromscratch.lit_module import CLIPModule
-from clipfromscratch.loss import clip_loss
+from clipfromscratch.loss import clip_loss, siglip_loss
 from clipfromscratch.model import build_model
 from clipfromscratch.text_tokenizers import make_tokenizer, tokenize
 
@@ -43,7 +44,10 @@ def _loss_and_grads(towers: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[
     model = towers.module.model if isinstance(towers, DistributedDataParallel) else towers.model
     model.zero_grad()
     images, texts = towers(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-    loss = clip_loss(images, texts, model.logit_scale())
+    if model.logit_bias is None:
+        loss = clip_loss(images, texts, model.logit_scale())
+    else:
+        loss = siglip_loss(images, texts, model.logit_scale(), model.logit_bias)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -60,18 +64,19 @@ def _rank(rank: int, workdir: str, sizes: list[int]) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def towers_and_batch():
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def towers_and_batch(request):
     torch.manual_seed(0)
     tokenizer = make_tokenizer("bert", False, "tiny", CAPTIONS * 10)
-    model = build_model(ModelConfig(image_encoder="vit", text_encoder="bert", image_size=32, embed_dim=16), tokenizer)
+    model = build_model(ModelConfig(image_encoder="vit", text_encoder="bert", image_size=32, embed_dim=16,
+                                    loss=request.param), tokenizer)
     # float64 and no dropout: the two runs differ only in summation order
     towers = Towers(model).double().eval()
     batch = {"pixels": torch.randn(8, 3, 32, 32, dtype=torch.float64), **tokenize(tokenizer, CAPTIONS, 16)}
     return towers, batch
 
 
-@pytest.mark.parametrize("sizes", [[4, 4], [3, 5]], ids=["equal", "unequal"])
+@pytest.mark.parametrize("sizes", [[4, 4], pytest.param([3, 5], marks=pytest.mark.slow)], ids=["equal", "unequal"])
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, towers_and_batch, sizes):
     towers, batch = towers_and_batch
     torch.save(towers, tmp_path / "towers.pt")
@@ -93,7 +98,8 @@ def test_local_negatives_alone_give_a_different_gradient(towers_and_batch):
     _, full = _loss_and_grads(towers, batch)
     halves = [_loss_and_grads(towers, {k: v[i:i + 4] for k, v in batch.items()})[1] for i in (0, 4)]
     local_mean = {n: (halves[0][n] + halves[1][n]) / 2 for n in full}
-    assert not torch.allclose(local_mean["log_logit_scale"], full["log_logit_scale"], rtol=1e-3)
+    for name in ("log_logit_scale", "logit_bias") if "logit_bias" in full else ("log_logit_scale",):
+        assert not torch.allclose(local_mean[name], full[name], rtol=1e-3)
 
 
 
@@ -154,6 +160,7 @@ def ddp_runs(tmp_path_factory, val_table) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_ddp_validation_counts_every_sample_once(ddp_runs):
     metrics = json.loads((ddp_runs["lightning"] / "metrics.json").read_text())
     assert metrics["step"] == 6
@@ -163,6 +170,7 @@ def test_ddp_validation_counts_every_sample_once(ddp_runs):
             assert abs(value * 10 - round(value * 10)) < 1e-3, (name, value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_every_rank_trains_with_one_tokenizer_and_ends_with_the_same_weights(ddp_runs, launcher):
     ranks = [json.loads((ddp_runs[launcher] / f"probe.rank{rank}.json").read_text()) for rank in range(2)]
@@ -170,6 +178,7 @@ def test_every_rank_trains_with_one_tokenizer_and_ends_with_the_same_weights(ddp
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_run_under_every_launcher(ddp_runs):
     first, *others = (ddp_runs[launcher] for launcher in LAUNCHERS)
     for run in others:

@@ -104,7 +104,7 @@ def test_purity_nmi_ari_by_hand_and_kmeans_on_blobs():
 def test_entropy_is_log_prompts_when_flat_and_falls_with_the_temperature():
     flat = torch.zeros(2, 32)
     assert softmax_entropy(flat).tolist() == pytest.approx([math.log(32)] * 2)
-    assert max_entropy(32) == pytest.approx(3.4657, abs=1e-4)  # the thesis's log(32)
+    assert max_entropy(32) == pytest.approx(3.4657, abs=1e-4)  # log(32), as the class-agnostic study reports
     cosines = torch.tensor([[0.30, 0.25, 0.20, 0.22]])
     entropies = [softmax_entropy(cosines, tau).item() for tau in (1.0, 0.07, 0.02)]
     assert entropies[0] > entropies[1] > entropies[2] > 0

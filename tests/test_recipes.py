@@ -33,6 +33,7 @@ def _reads_shards(recipe: dict) -> bool:
     return recipe.get("train_data", "synthetic") != "synthetic"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_recipe_trains_validates_exports_and_resumes(path, shards, tmp_path, capsys):
     recipe = yaml.safe_load(open(path, encoding="utf-8"))
@@ -65,6 +66,7 @@ def test_recipe_trains_validates_exports_and_resumes(path, shards, tmp_path, cap
 
 
 
+@pytest.mark.slow
 def test_bf16_validation_scores_zero_shot_classes_without_clipping(tmp_path, capsys):
     """The demo recipe in bf16: its held-out synthetic set has colour and shape classes, scored in the module."""
     run = tmp_path / "run"

@@ -27,6 +27,7 @@ def _final_step(run: str) -> int:
         return json.load(f)["step"]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_completes_the_run(tmp_path):
     run = str(tmp_path / "run")
     args = ["--output-dir", run, "--max-steps", "80", "--val-every-n-steps", "80", "--checkpoint-every-n-steps", "5",
@@ -47,6 +48,7 @@ def test_kill_9_then_resume_completes_the_run(tmp_path):
     assert _final_step(run) == 80 == _step(last)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_stopped_at(tmp_path):
     run = str(tmp_path / "run")
     log = tmp_path / "stdout.txt"
@@ -67,6 +69,7 @@ def test_sigterm_saves_the_step_it_stopped_at(tmp_path):
     assert _step(last) >= 7
 
 
+@pytest.mark.slow
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     real_write = fsspec.implementations.local.LocalFileOpener.write
@@ -100,12 +103,14 @@ def nan_at_step_3(monkeypatch):
     monkeypatch.setattr(clipfromscratch.lit_module, "clip_loss", loss_with_one_nan)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_with_one_line_naming_the_step(tmp_path, capsys, nan_at_step_3):
     assert main(["--output-dir", str(tmp_path / "run"), "--max-steps", "8", "--val-every-n-steps", "8", *TINY]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: non-finite loss at step 3") and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, capsys, nan_at_step_3):
     run = str(tmp_path / "run")
     assert main(["--output-dir", run, "--max-steps", "8", "--val-every-n-steps", "8", "--skip-nonfinite",

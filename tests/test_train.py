@@ -40,6 +40,7 @@ def _metrics(run: str) -> dict:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_bert_learns_far_above_chance(bert_run):
     m = _metrics(bert_run)
     assert m["step"] == 250
@@ -53,6 +54,7 @@ def test_bert_learns_far_above_chance(bert_run):
     assert any(name.startswith("best-") for name in os.listdir(bert_run))
 
 
+@pytest.mark.slow
 def test_gpt2_learns_about_as_well_as_bert(bert_run, gpt2_run):
     bert, gpt2 = _metrics(bert_run), _metrics(gpt2_run)
     for key in ("image_retrieval_recall@10", "text_retrieval_recall@10"):
@@ -63,6 +65,7 @@ def test_gpt2_learns_about_as_well_as_bert(bert_run, gpt2_run):
     assert gpt2_r10 > 0.6 * bert_r10, (bert, gpt2)
 
 
+@pytest.mark.slow
 def test_export_reloads_the_trained_model(bert_run):
     model = load_model(os.path.join(bert_run, "final"))
     val = SyntheticCaptions("val", VAL_SAMPLES, seed=0, image_size=32, transform=model.preprocess)
@@ -76,6 +79,7 @@ def test_export_reloads_the_trained_model(bert_run):
     assert accuracy == pytest.approx(_metrics(bert_run)["zeroshot_colour_acc1"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run(bert_run):
     ckpt = torch.load(os.path.join(bert_run, "last.ckpt"), weights_only=True)
     assert "clip_tokenizer_files" in ckpt and ckpt["global_step"] == 250
@@ -127,6 +131,7 @@ def test_ranks_started_apart_need_a_run_folder_they_can_share(tmp_path, capsys, 
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_run(tmp_path):
     """Byte for byte: the tokenizer trained from the captions, and every metric (loader workers included)."""
     runs = [tmp_path / "first", tmp_path / "second"]

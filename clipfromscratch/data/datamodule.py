@@ -18,18 +18,17 @@ from clipfromscratch.data.shard_index import IndexedShards
 from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.transforms import image_transform
-from clipfromscratch.data.tsv import CaptionTable
+from clipfromscratch.data.tsv import CaptionTable, is_caption_table
 from clipfromscratch.text_tokenizers import tokenize
-
-TABLE_SUFFIXES = (".tsv", ".csv")
 
 
 def open_source(spec: str, split: str, *, seed: int, synthetic_samples: int, image_size: int,
-                csv_img_key: str, csv_caption_key: str, csv_separator: str, stream: dict) -> Dataset:
-    """The dataset a SPEC names, without an image transform yet; `stream`: CaptionShards options for training."""
+                csv_img_key: str, csv_caption_key: str, csv_separator: str | None, stream: dict) -> Dataset:
+    """The dataset a SPEC names, without an image transform yet; `stream`: CaptionShards options for training;
+    `csv_separator` None: by the table's suffix."""
     if spec == "synthetic":
         return SyntheticCaptions(split, synthetic_samples, seed, image_size)
-    if spec.lower().endswith(TABLE_SUFFIXES):
+    if is_caption_table(spec):
         return CaptionTable(spec, None, csv_img_key, csv_caption_key, csv_separator)
     if split == "train":
         return CaptionShards(spec, None, shuffle=True, seed=seed, **stream)
@@ -83,10 +82,13 @@ class Collate:
 
 
 class CaptionDataModule(pl.LightningDataModule):
-    """Training and validation samples from the sources `config` names, batched and tokenised for one model.
+    """The training and validation loaders of a run: batches of images and tokenised captions for one model.
 
-    `bind(model)` must come before the loaders: it sets the model's image transforms and tokenizer. A step's
-    batch is `accum_freq` micro-batches of `config.batch_size` (feature-cached accumulation splits it again).
+    Each of `config.train_data` and `config.validation_data` names a source (`open_source`): synthetic scenes, a
+    caption table, or shards (streamed and shuffled for training, indexed for validation so every caption counts
+    once); samples that data/samples.py's rule skips never reach a batch. `bind(model)` must come before the
+    loaders: it sets the model's image transforms and tokenizer. A step's batch is `accum_freq` micro-batches of
+    `config.batch_size` (feature-cached accumulation splits it again).
     """
 
     def __init__(self, config: DataConfig, image_size: int, seed: int, accum_freq: int = 1):

@@ -6,7 +6,6 @@ validation drops by sample index; with a fixed order and one row per caption, th
 """
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 from collections import defaultdict
@@ -16,9 +15,18 @@ from dataclasses import dataclass
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision.transforms.functional import to_pil_image
 
-from clipfromscratch.data.shards import is_remote, resolve_shard_urls, sample_captions, sample_image
-from clipfromscratch.data.tsv import UNREADABLE
+from clipfromscratch.data.samples import (
+    TEXT_EXTENSIONS,
+    UNREADABLE,
+    UNREADABLE_IMAGE,
+    SkipCounts,
+    SkippedSample,
+    decode_rgb,
+    parse_sample,
+)
+from clipfromscratch.data.shards import is_remote, resolve_shard_urls
 from clipfromscratch.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -26,21 +34,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageMember:
-    """Where an image's bytes are: shard file, offset, size."""
+    """Where an image's bytes are: shard file, offset, size; and the sample's key, for the log."""
 
     url: str
+    key: str
     offset: int
     size: int
 
 
 class IndexedShards(torch.utils.data.Dataset):
-    """One row per caption of every readable sample of the shards, in shard order; an image's captions are adjacent."""
+    """One row per caption of every readable sample of the shards, in shard order; an image's captions are adjacent.
+
+    Samples are checked by samples.py's rule when indexed, but for the image, which is decoded when read: an
+    image that cannot be decoded then gives None, counted in `skipped` by the process that read it.
+    """
 
     def __init__(self, spec: str, transform: Callable[[Image.Image], torch.Tensor] | None):
         self.transform = transform
         self.images: list[ImageMember] = []
         self.rows: list[tuple[int, str]] = []  # (image number, caption)
-        self.skipped = 0
+        self.skipped = SkipCounts()
         self._last: tuple[int, torch.Tensor | Image.Image] | None = None
         for url in resolve_shard_urls(spec):
             if is_remote(url):
@@ -58,20 +71,19 @@ class IndexedShards(torch.utils.data.Dataset):
                         key, ext = wds.tariterators.base_plus_ext(member.name)
                         if key is not None:
                             members[key][ext] = member
-                texts = {key: {ext: tar.extractfile(m).read() for ext, m in found.items() if ext in ("json", "txt")}
+                texts = {key: {ext: tar.extractfile(m).read() for ext, m in found.items() if ext in TEXT_EXTENSIONS}
                          for key, found in members.items()}
         except (tarfile.TarError, OSError) as exn:
             log.warning("skipping unreadable shard data in %s: %s", url, exn)
             return
         for key, found in members.items():
-            image = sample_image(found)
-            captions = sample_captions(texts[key])
-            if image is None or not captions:
-                self.skipped += 1
-                log.warning("skipping sample %s in %s: %s", key, url, "no image" if image is None else "no caption")
+            try:
+                sample = parse_sample({**found, **texts[key]})  # the image stays a tar member, read when needed
+            except SkippedSample as skip:
+                self.skipped.add(skip.reason, f"sample {key} in {url}")
                 continue
-            self.rows.extend((len(self.images), caption) for caption in captions)
-            self.images.append(ImageMember(url, image.offset_data, image.size))
+            self.rows.extend((len(self.images), caption) for caption in sample.captions)
+            self.images.append(ImageMember(url, key, sample.image.offset_data, sample.image.size))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,10 +103,8 @@ class IndexedShards(torch.utils.data.Dataset):
             f.seek(member.offset)
             data = f.read(member.size)
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                rgb = image.convert("RGB")
+            rgb = to_pil_image(decode_rgb(data))
         except UNREADABLE as exn:
-            self.skipped += 1
-            log.warning("skipping unreadable image %d in %s: %s", image_number, member.url, exn)
+            self.skipped.add(UNREADABLE_IMAGE, f"sample {member.key} in {member.url}", exn)
             return None
         return self.transform(rgb) if self.transform else rgb

@@ -1,14 +1,13 @@
-"""Webdataset shards for training, streamed: KEY.jpg (or .jpeg/.png/.webp) + KEY.txt caption, optional KEY.json.
+"""Webdataset shards for training, streamed; what a sample is, and which are skipped, is samples.py's rule.
 
-This is the layout of data_prep/ and of img2dataset. When KEY.json holds a `captions` list (COCO's five per
-image), each visit of the image draws one of them at random; otherwise the caption is KEY.txt.
+When a sample has several captions (COCO's five per image in KEY.json), each visit of the image draws one of
+them at random.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -18,13 +17,11 @@ from collections.abc import Callable, Iterator
 import braceexpand
 import torch
 import webdataset as wds
-from torchvision.io import ImageReadMode, decode_image
 
-from clipfromscratch.config import DataConfig
+from clipfromscratch.data.samples import TEXT_EXTENSIONS, SkipCounts, SkippedSample, read_sample, sample_captions
 from clipfromscratch.errors import UsageError
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def is_remote(url: str) -> bool:
@@ -50,24 +47,6 @@ def resolve_shard_urls(spec: str) -> list[str]:
     return urls
 
 
-def sample_image(sample: dict):
-    """A sample's image entry (KEY.jpg, .jpeg, .png or .webp: bytes, or a tar member), None if it has none."""
-    return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-
-
-def sample_captions(raw: dict) -> list[str]:
-    """All captions of a raw sample: KEY.json's `captions` list if it has one, else KEY.txt."""
-    if "json" in raw:
-        try:
-            captions = json.loads(raw["json"]).get("captions")
-        except (ValueError, AttributeError):
-            captions = None
-        if isinstance(captions, list) and captions:
-            return [str(c).strip() for c in captions if str(c).strip()]
-    text = raw.get("txt", b"").decode("utf-8", errors="replace").strip()
-    return [text] if text else []
-
-
 def _image_id(url: str, key: str) -> int:
     digest = hashlib.blake2b(f"{url}\n{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1  # 63 bits, so it fits a signed int64 tensor
@@ -90,8 +69,8 @@ class CaptionShards(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, spec: str, transform: Callable[[torch.Tensor], torch.Tensor] | None, shuffle: bool,
-                 seed: int = 0, shuffle_buffer: int = DataConfig.shuffle_buffer, resampled: bool = False,
-                 epoch_samples: int | None = None, batch_size: int = 1, num_workers: int = 0):
+                 seed: int = 0, *, shuffle_buffer: int, resampled: bool = False, epoch_samples: int | None = None,
+                 batch_size: int = 1, num_workers: int = 0):
         super().__init__()
         self.urls = resolve_shard_urls(spec)
         self.transform = transform
@@ -102,7 +81,7 @@ class CaptionShards(torch.utils.data.IterableDataset):
         self.epoch_samples = epoch_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.skipped = 0  # corrupt samples skipped, in this process
+        self.skipped = SkipCounts()
         self._passes = 0
 
     def check_readers(self, world_size: int) -> None:
@@ -151,11 +130,16 @@ class CaptionShards(torch.utils.data.IterableDataset):
         yield from decoded
 
     def captions(self) -> Iterator[str]:
-        """Every caption in shard order, streamed; only the .txt and .json members are read."""
+        """Every caption in shard order, streamed; only the .txt and .json members are read (so a sample without
+        an image, or with one that cannot be decoded, still gives its captions)."""
         shards = ({"url": url} for url in self.urls)
-        for raw in wds.tarfile_samples(shards, handler=shard_error,
-                                       select_files=lambda name: name.endswith((".txt", ".json"))):
-            yield from sample_captions(raw)
+        suffixes = tuple(f".{ext}" for ext in TEXT_EXTENSIONS)
+        for raw in wds.tarfile_samples(shards, handler=shard_error, select_files=lambda name: name.endswith(suffixes)):
+            try:
+                captions = sample_captions(raw)
+            except SkippedSample:  # malformed KEY.json: the training stream skips this sample too
+                continue
+            yield from captions
 
     def tokenizer_cache_dir(self) -> str | None:
         """Where tokenizers trained on these shards' captions are kept: beside the shards, named by their contents."""
@@ -167,19 +151,9 @@ class CaptionShards(torch.utils.data.IterableDataset):
         return os.path.join(os.path.dirname(self.urls[0]), "tokenizers", fingerprint.hexdigest())
 
     def _sample(self, raw: dict, caption_rng: random.Random) -> dict | None:
-        image_bytes = sample_image(raw)
-        captions = sample_captions(raw)
-        if image_bytes is None:
-            return self._skip(raw, "no image")
-        if not captions:
-            return self._skip(raw, "no caption")
-        try:
-            pixels = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as exn:
-            return self._skip(raw, f"unreadable image ({str(exn).splitlines()[0]})")
+        read = read_sample(raw, self.skipped)
+        if read is None:
+            return None
+        sample, pixels = read
         return {"pixels": self.transform(pixels) if self.transform else pixels,
-                "caption": caption_rng.choice(captions), "image_id": _image_id(raw["__url__"], raw["__key__"])}
-
-    def _skip(self, raw: dict, reason: str) -> None:
-        self.skipped += 1
-        log.warning("skipping sample %s in %s: %s", raw["__key__"], raw["__url__"], reason)
+                "caption": caption_rng.choice(sample.captions), "image_id": _image_id(raw["__url__"], raw["__key__"])}

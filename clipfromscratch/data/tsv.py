@@ -1,4 +1,8 @@
-"""Caption tables: a .tsv/.csv file with a header row, one image path and one caption per row."""
+"""Caption tables: a .tsv/.csv file with a header row, one image path and one caption per row.
+
+Its columns are split on commas in a .csv, on tabs otherwise, unless the caller names the separator; training
+and evaluation both read tables here, so they split them alike.
+"""
 from __future__ import annotations
 
 import csv
@@ -10,25 +14,41 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from clipfromscratch.data.samples import UNREADABLE, UNREADABLE_IMAGE, SkipCounts, open_rgb
 from clipfromscratch.errors import UsageError
 
 log = logging.getLogger(__name__)
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
+TABLE_SUFFIXES = (".tsv", ".csv")
+
+
+def is_caption_table(spec: str) -> bool:
+    """Whether a data SPEC names a caption table (by its suffix)."""
+    return spec.lower().endswith(TABLE_SUFFIXES)
+
+
+def table_separator(path: str | os.PathLike) -> str:
+    """The column separator of a table by its suffix: a comma for .csv, a tab otherwise."""
+    return "," if str(path).lower().endswith(".csv") else "\t"
 
 
 class CaptionTable(torch.utils.data.Dataset):
-    """Image-caption pairs listed in a table; relative image paths are relative to the table's folder."""
+    """Image-caption pairs listed in a table; relative image paths are relative to the table's folder.
+
+    `separator` None: by the table's suffix (`table_separator`). Malformed rows are counted in `skipped_rows` when
+    the table is read; a row whose image cannot be read gives None, counted in `skipped`.
+    """
 
     def __init__(self, path: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor] | None,
-                 img_key: str = "filepath", caption_key: str = "caption", separator: str = "\t"):
+                 img_key: str = "filepath", caption_key: str = "caption", separator: str | None = None):
         self.transform = transform
         self.skipped_rows = 0
-        self.unreadable_images = 0
+        self.skipped = SkipCounts()
         self.rows: list[tuple[int, str]] = []  # (image_id, caption)
 
         table = Path(path)
         if not table.is_file():
             raise UsageError(f"caption table not found: {table}")
+        separator = table_separator(table) if separator is None else separator
         if len(separator) != 1:
             raise UsageError(f"csv separator must be a single character, got {separator!r}")
         image_ids: dict[str, int] = {}
@@ -67,11 +87,9 @@ class CaptionTable(torch.utils.data.Dataset):
         image_id, caption = self.rows[index]
         path = self.image_paths[image_id]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
+            rgb = open_rgb(path)
         except UNREADABLE as exn:
-            self.unreadable_images += 1
-            log.warning("unreadable image %s: %s", path, exn)
+            self.skipped.add(UNREADABLE_IMAGE, f"image {path}", exn)
             return None
         return {"pixels": self.transform(rgb) if self.transform else rgb, "caption": caption, "image_id": image_id}
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import timm
 import torch
+from timm.layers import PatchDropout
+from timm.models import group_parameters
 from torch import nn
 
 from clipfromscratch.encoders.registry import Registry, check_size
@@ -88,6 +90,13 @@ class ImageTower(nn.Module):
             patches = features[:, getattr(self.backbone, "num_prefix_tokens", 0):]
         return torch.cat([pooled.unsqueeze(1), patches], dim=1)
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The tower's parameters in timm's layer groups, from the input up: the stem, each block or stage (a
+        ViT's final norm with its last block)."""
+        named = dict(self.backbone.named_parameters())
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=False))
+        return [[named[name] for name in names] for names in groups.values()]
+
     def enable_grad_checkpointing(self) -> None:
         try:
             self.backbone.set_grad_checkpointing(True)
@@ -105,8 +114,10 @@ def default_image_size(name: str, size: str) -> int:
     return timm.get_pretrained_cfg(name).input_size[-1]
 
 
-def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, overrides: dict) -> ImageTower:
-    """Build the tower `name` at `size`; `overrides` are timm constructor arguments that win over the preset."""
+def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, overrides: dict,
+                      patch_dropout: float = 0.0) -> ImageTower:
+    """Build the tower `name` at `size`; `overrides` are timm constructor arguments that win over the preset;
+    `patch_dropout` drops that share of a ViT's patch tokens in training mode (FLIP)."""
     family = IMAGE_ENCODERS.get(name)
     if family is not None:
         preset = family.presets[check_size(size)]
@@ -127,6 +138,12 @@ def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, o
         raise _bad_tower(timm_name, overrides, image_size, err) from None
     except (TypeError, ValueError, AssertionError, KeyError) as err:  # how timm says an argument makes no sense
         raise _bad_tower(timm_name, overrides, image_size, err) from None
+    if patch_dropout:
+        if not isinstance(getattr(backbone, "patch_drop", None), nn.Module):
+            raise UsageError(f"--patch-dropout needs a ViT-style image tower: timm model '{timm_name}' has no patch "
+                             "tokens to drop")
+        # timm's own module, set after construction so that presets, overrides and pretrained weights are untouched
+        backbone.patch_drop = PatchDropout(patch_dropout, num_prefix_tokens=backbone.num_prefix_tokens)
     _check_forward(backbone, timm_name, overrides, image_size)
     return ImageTower(backbone, image_size)
 

@@ -32,7 +32,7 @@ class TextFamily:
 TEXT_ENCODERS: Registry[TextFamily] = Registry(
     "text encoder", "any Hugging Face model name or local model directory (e.g. distilroberta-base)"
 )
-# The tiny presets drop dropout, as CLIP trains its towers: at this size it slowed learning badly (README).
+# The tiny presets drop dropout, as CLIP trains its towers: at this size it slowed learning badly (docs/training.md).
 TEXT_ENCODERS.register("bert", TextFamily(
     hub_name="bert-base-uncased",
     model_type="bert",
@@ -90,6 +90,22 @@ class TextTower(nn.Module):
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, mask -> (B, L, num_features): the state of every position (padding's too)."""
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The tower's parameters by layer, from the input up: the embeddings, then each transformer layer (the
+        final norm, if any, with the last). The layers are the backbone's longest module list (BERT's
+        `encoder.layer`, GPT-2's `h`, and the like in other Hugging Face models)."""
+        lists = [m for m in self.backbone.modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            raise UsageError(f"text tower {type(self.backbone).__name__} has no list of layers to group")
+        layers = max(lists, key=len)
+        owner = {id(p): 1 + i for i, layer in enumerate(layers) for p in layer.parameters()}
+        groups: list[list[nn.Parameter]] = [[] for _ in range(1 + len(layers))]
+        after_layers = False  # parameters registered after the layers (a final norm) join the last layer
+        for p in self.backbone.parameters():
+            after_layers = after_layers or id(p) in owner
+            groups[owner.get(id(p), len(layers) if after_layers else 0)].append(p)
+        return groups
 
     def enable_grad_checkpointing(self) -> None:
         try:  # non-reentrant: works under DDP and with inputs that need no gradient

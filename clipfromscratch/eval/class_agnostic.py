@@ -1,4 +1,5 @@
-"""Class-agnostic features: an image's similarities to prompts that never name a class (seed 000, chapters 3-4).
+"""Class-agnostic features: an image's similarities to prompts that never name a class (Benedetto's thesis on
+CLIP, chapters 3-4).
 
 How peaked the softmax over the prompts is (its entropy, at most log(#prompts)) says whether the prompts
 separate the images at all; a temperature below 1 sharpens it before the probe sees it.

@@ -1,18 +1,16 @@
 """Evaluation datasets: labelled images for classification tasks, captioned images for retrieval.
 
-Every dataset yields (PIL image, target) or None for an unreadable image; the model's own preprocessing is
-applied later (see embed.Preprocess), so one opened dataset serves every model of a comparison.
+Every dataset yields (PIL image, target) or None for an unreadable image (shards leave skipped samples out); the
+model's own preprocessing is applied later (see embed.Preprocess), so one opened dataset serves every model of a
+comparison.
 
 DATA: `synthetic` (labels colour/shape, one caption per image), `imagefolder:DIR`, `cifar10:ROOT`,
-`cifar100:ROOT`, a caption table (`.tsv`/`.csv`), or webdataset shards (a `.tar`, a directory, a brace
-pattern) with captions in KEY.txt or a `captions` list in KEY.json, and labels in KEY.json.
+`cifar100:ROOT`, a caption table (`.tsv`/`.csv`, split as in training), or webdataset shards (a `.tar`, a
+directory, a brace pattern), whose samples (captions, labels, what is skipped) are data/samples.py's.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,17 +18,27 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import datasets
+from torchvision.transforms.functional import to_pil_image
 
-from clipfromscratch.data.shards import resolve_shard_urls, sample_captions, sample_image
+from clipfromscratch.data.samples import (
+    UNREADABLE,
+    UNREADABLE_IMAGE,
+    SkipCounts,
+    SkippedSample,
+    open_rgb,
+    read_sample,
+    sample_label,
+    sample_meta,
+)
+from clipfromscratch.data.shards import resolve_shard_urls
 from clipfromscratch.data.synthetic import SyntheticCaptions
-from clipfromscratch.data.tsv import UNREADABLE, CaptionTable
+from clipfromscratch.data.tsv import CaptionTable, is_caption_table
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.templates import read_lines
 from clipfromscratch.eval.zeroshot import Template
 
 SYNTHETIC_SIDE = 64  # rendered once for every model, each resizes to its own input
 SYNTHETIC_SAMPLES = 1000
-TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
 CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
 
@@ -63,15 +71,19 @@ class _Synthetic(Dataset):
 
 
 class _Shards(IterableDataset):
-    """(image, target) from shards in order; the target is read from KEY.txt / KEY.json by `target_of`.
+    """(image, target) from shards in order: the captions, or with `label` the class index of that label.
 
-    With loader workers each reads its share of the shards and stops at its share of `limit`.
+    Samples left out by samples.py's rule are counted in `skipped` (by each loader worker in its own copy). With
+    loader workers each reads its share of the shards and stops at its share of `limit`, skipped samples included.
     """
 
-    def __init__(self, urls: list[str], target_of, limit: int | None):
+    def __init__(self, urls: list[str], limit: int | None, label: str | None = None,
+                 classnames: list[str] | None = None):
         self.urls = urls
-        self.target_of = target_of
         self.limit = limit
+        self.label = label
+        self.class_index = {name: i for i, name in enumerate(classnames or [])}
+        self.skipped = SkipCounts()
 
     def __iter__(self):
         urls = wds.split_by_worker(self.urls)
@@ -80,40 +92,11 @@ class _Shards(IterableDataset):
         for count, raw in enumerate(wds.tarfile_samples({"url": url} for url in urls)):
             if limit is not None and count >= limit:
                 return
-            image_bytes = sample_image(raw)
-            target = self.target_of(raw)
-            if image_bytes is None or target is None:
-                continue
-            try:
-                with Image.open(io.BytesIO(image_bytes)) as image:
-                    yield image.convert("RGB"), target
-            except UNREADABLE:
-                yield None
-
-
-class _LabelOf:
-    def __init__(self, key: str, classnames: list[str]):
-        self.key = key
-        self.index = {name: i for i, name in enumerate(classnames)}
-
-    def __call__(self, raw: dict) -> int | None:
-        value = _label(raw, self.key)
-        return None if value is None else self.index[str(value)]
-
-
-def _json(raw: dict) -> dict:
-    return json.loads(raw["json"]) if "json" in raw else {}
-
-
-def _label(raw: dict, key: str):
-    """KEY.json's field `key`, or its `labels` mapping's (where data_prep writes Fashion's class columns)."""
-    meta = _json(raw)
-    labels = meta.get("labels")
-    return meta.get(key, labels.get(key) if isinstance(labels, dict) else None)
-
-
-def _captions_of(raw: dict) -> list[str] | None:
-    return sample_captions(raw) or None
+            read = read_sample(raw, self.skipped, self.label)
+            if read is not None:
+                sample, pixels = read
+                target = sample.captions if self.label is None else self.class_index[str(sample.label)]
+                yield to_pil_image(pixels), target
 
 
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -122,10 +105,6 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
     return Subset(dataset, order.sort().values.tolist())
-
-
-def _is_table(spec: str) -> bool:
-    return os.path.splitext(spec)[1].lower() in TABLE_SEPARATORS
 
 
 def _read_classnames(path: str, expected: int) -> list[str]:
@@ -159,13 +138,16 @@ def _shard_labels(spec: str, label: str, limit: int | None) -> LabelledImages:
     urls = resolve_shard_urls(spec)
     values = set()
     for raw in wds.tarfile_samples(({"url": url} for url in urls), select_files=lambda n: n.endswith(".json")):
-        value = _label(raw, label)
+        try:
+            value = sample_label(sample_meta(raw), label)
+        except SkippedSample:  # malformed KEY.json: counted when the images are read
+            continue
         if value is not None:
             values.add(str(value))
     if not values:
         raise UsageError(f"no sample in {spec} has '{label}' in its KEY.json")
     classnames = sorted(values)
-    return LabelledImages(classnames, _Shards(urls, _LabelOf(label, classnames), limit), None)
+    return LabelledImages(classnames, _Shards(urls, limit, label, classnames), None)
 
 
 def open_labelled(spec: str, label: str | None = None, classnames_file: str | None = None,
@@ -184,7 +166,7 @@ def open_labelled(spec: str, label: str | None = None, classnames_file: str | No
         return _imagefolder(where, classnames_file, num_samples, seed)
     if colon and kind in CIFAR:
         return _cifar(kind, where, num_samples, seed, download)
-    if _is_table(spec):
+    if is_caption_table(spec):
         raise UsageError(f"{spec} is a caption table: it has no labels (use it with the retrieval task)")
     if label is None:
         raise UsageError(f"{spec}: give --label, the KEY.json field that holds each image's class")
@@ -192,20 +174,22 @@ def open_labelled(spec: str, label: str | None = None, classnames_file: str | No
 
 
 class ImageFiles(Dataset):
-    """(PIL image, target) for image files and one target each; None for a file that cannot be read."""
+    """(PIL image, target) for image files and one target each; None for a file that cannot be read, counted in
+    `skipped` (by each loader worker in its own copy)."""
 
     def __init__(self, paths: list[str], targets: list):
         self.paths = paths
         self.targets = targets
+        self.skipped = SkipCounts()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, object] | None:
         try:
-            with Image.open(self.paths[index]) as image:
-                return image.convert("RGB"), self.targets[index]
-        except UNREADABLE:
+            return open_rgb(self.paths[index]), self.targets[index]
+        except UNREADABLE as exn:
+            self.skipped.add(UNREADABLE_IMAGE, f"image {self.paths[index]}", exn)
             return None
 
 
@@ -215,8 +199,8 @@ def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> 
         return _Synthetic(SyntheticCaptions("val", num_samples or SYNTHETIC_SAMPLES, seed, SYNTHETIC_SIDE), "caption")
     if spec.partition(":")[0] in ("imagefolder", *CIFAR):
         raise UsageError(f"{spec} has labels but no captions: retrieval needs a caption table, shards or synthetic")
-    if _is_table(spec):
-        table = CaptionTable(spec, None, separator=TABLE_SEPARATORS[os.path.splitext(spec)[1].lower()])
+    if is_caption_table(spec):
+        table = CaptionTable(spec, None)
         # the distinct images of the table, each with all of its captions
         return _subset(ImageFiles(table.image_paths, table.captions_per_image()), num_samples, seed)
-    return _Shards(resolve_shard_urls(spec), _captions_of, num_samples)
+    return _Shards(resolve_shard_urls(spec), num_samples)

@@ -39,6 +39,12 @@ class EvalModel:
     encode_image_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
     encode_text_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     dense_scorer: DenseScorer | None = None  # a trained DCSM head: the model scores pairs by it too
+    logit_bias: float | None = None  # SigLIP models: each pair's probability is sigmoid(scale * cos + bias)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits (scale * cosine, plus the bias for SigLIP) -> class probabilities: a softmax over the
+        classes for CLIP models, and for SigLIP models, trained on independent pairs, each pair's own sigmoid."""
+        return torch.sigmoid(logits) if self.logit_bias is not None else logits.softmax(dim=-1)
 
 
 def _mtime(path: str) -> float:
@@ -50,7 +56,8 @@ def from_clip(model: CLIP, name: str, weights_mtime: float = 0.0) -> EvalModel:
     device = model.log_logit_scale.device
     return EvalModel(name, model.encode_image, model.encode_text, model.preprocess, model.tokenizer,
                      model.logit_scale().item(), device, weights_mtime, model.encode_image_tokens,
-                     model.encode_text_tokens, model.dense_scorer)
+                     model.encode_text_tokens, model.dense_scorer,
+                     None if model.logit_bias is None else model.logit_bias.item())
 
 
 def load_checkpoint(path: str, device: torch.device) -> CLIP:
@@ -132,7 +139,8 @@ def load_openclip(spec: str, device: torch.device) -> EvalModel:
     tokenizer = open_clip.get_tokenizer(arch)
     return EvalModel(f"openclip:{spec}", lambda pixels: F.normalize(model.encode_image(pixels), dim=-1),
                      lambda texts: F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1),
-                     preprocess, tokenizer, model.logit_scale.exp().item(), device, _mtime(pretrained))
+                     preprocess, tokenizer, model.logit_scale.exp().item(), device, _mtime(pretrained),
+                     logit_bias=None if getattr(model, "logit_bias", None) is None else model.logit_bias.item())
 
 
 ADAPTERS: dict[str, Callable[[str, torch.device], EvalModel]] = {"openai": load_openai, "openclip": load_openclip}

@@ -33,7 +33,7 @@ def logistic_regression_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: 
 
 
 def svm_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Accuracy of a linear SVM (C=1) on standardised features, the thesis's probe.
+    """Accuracy of a linear SVM (C=1) on standardised features, as in the class-agnostic study (Benedetto's thesis).
 
     LinearSVC rather than SVC(kernel="linear"): the same linear model family, but it scales to CIFAR's 50k
     training images (kernel SVC is quadratic in the number of samples).

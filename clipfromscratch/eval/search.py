@@ -12,12 +12,13 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
+from clipfromscratch.data.samples import IMAGE_EXTENSIONS, open_rgb
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.data import ImageFiles
 from clipfromscratch.eval.embed import encode_images, encode_texts
 from clipfromscratch.eval.models import EvalModel
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in (*IMAGE_EXTENSIONS, "bmp", "gif"))  # a folder may hold what PIL reads
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "clipfromscratch", "search")
 THUMBNAIL = 192
 CAPTION_HEIGHT = 18
@@ -85,8 +86,7 @@ def contact_sheet(hits: list[dict], query: str, path: str) -> None:
     draw.text((4, 2), query, fill="black")
     for n, hit in enumerate(hits):
         x, y = (n % columns) * THUMBNAIL, CAPTION_HEIGHT + (n // columns) * cell
-        with Image.open(hit["path"]) as image:
-            thumbnail = image.convert("RGB")
+        thumbnail = open_rgb(hit["path"])
         thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
         sheet.paste(thumbnail, (x + (THUMBNAIL - thumbnail.width) // 2, y + (THUMBNAIL - thumbnail.height) // 2))
         draw.text((x + 4, y + THUMBNAIL + 2), f"#{hit['rank']}  {hit['score']:.3f}  {os.path.basename(hit['path'])}",

@@ -11,6 +11,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from clipfromscratch.config import opt
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.class_agnostic import (
     TEMPERATURES,
@@ -32,19 +33,27 @@ from clipfromscratch.eval.zeroshot import Template, classification_metrics, zero
 
 @dataclass
 class EvalOptions:
-    """Everything a task reads besides the model (the CLI flags of `eval` and `compare`)."""
+    """Everything a task reads besides the model: the options of `eval` and `compare`, flags and checks made by
+    clipfromscratch.config as training's are."""
 
-    data: str = "synthetic"
-    label: str | None = None  # synthetic: colour | shape; shards: the KEY.json field holding the class
-    templates: str | None = None  # simple | openai_imagenet | cifar | FILE (default: the data's own, else simple)
-    classnames: str | None = None  # imagefolder: a file of display names, one per class folder in sorted order
-    prompts: str | None = None  # class-agnostic prompt file (default: the 32 generic prompts)
-    num_samples: int | None = None  # images per split (synthetic: rendered, default 1000; others: a random subset)
-    batch_size: int = 64
-    num_workers: int = 0
-    seed: int = 0
-    download: bool = False  # CIFAR: fetch it when missing (needs the network)
-    images: str | None = None  # compositional: the root of the annotation file's image paths
+    data: str = opt("synthetic", "synthetic | imagefolder:DIR | cifar10:ROOT | cifar100:ROOT | a .tsv/.csv caption "
+                                 "table | webdataset shards (a .tar, a directory, a brace pattern); compositional: "
+                                 "synthetic | synthetic:2way | whatsup:FILE | sugarcrepe:FILE | negbench:FILE | "
+                                 "aro:FILE")
+    label: str | None = opt(None, "synthetic: colour or shape; shards: the KEY.json field holding the class")
+    templates: str | None = opt(None, "zero-shot prompts: simple | openai_imagenet | cifar | a file with one template "
+                                      "per line using {c} (none: the data's own, else simple)")
+    classnames: str | None = opt(None, "imagefolder: file of class names, one per folder in sorted order")
+    prompts: str | None = opt(None, "class-agnostic prompt file, one per line (none: 32 generic prompts)")
+    num_samples: int | None = opt(None, "images per split (synthetic: 1000 when none; other data: a seeded random "
+                                        "subset, all when none); compositional: items (synthetic: 300 when none)",
+                                  at_least=1)
+    batch_size: int = opt(64, "images per encoder call", at_least=1)
+    num_workers: int = opt(0, "data loader worker processes", at_least=0)
+    seed: int = opt(0, "seed for subsets, splits and k-means", at_least=0, at_most=2**32 - 1)
+    download: bool = opt(False, "CIFAR: download into ROOT when missing (online)")
+    images: str | None = opt(None, "compositional: the folder the annotation file's image paths are relative to "
+                                   "(none: the file's folder)")
 
 
 @dataclass
@@ -93,9 +102,10 @@ class Evaluation:
 
 def zeroshot_logits(model: EvalModel, image_features: torch.Tensor, classnames: Sequence[str],
                     templates: Sequence[Template]) -> torch.Tensor:
-    """(N, D) images -> (N, C) logits, logit_scale * cosine to each class's prompt-ensemble embedding."""
+    """(N, D) images -> (N, C) logits, logit_scale * cosine to each class's prompt-ensemble embedding (plus the
+    bias of a SigLIP model: `model.probabilities` turns them into probabilities)."""
     classifier = zeroshot_classifier(lambda texts: encode_texts(model, texts), classnames, templates)
-    return model.logit_scale * image_features @ classifier.t()
+    return model.logit_scale * image_features @ classifier.t() + (model.logit_bias or 0.0)
 
 
 def retrieval(ev: Evaluation) -> TaskResult:
@@ -126,7 +136,7 @@ def linear_probe(ev: Evaluation) -> TaskResult:
 def class_agnostic(ev: Evaluation) -> TaskResult:
     prompts = ev.prompt_features
     train_x, test_x, train_y, test_y = ev.probe_splits(lambda features: prompt_logits(features, prompts))
-    # the raw cosines as features (the thesis's baseline), then softmax(cosines / tau) for each tau
+    # the raw cosines as features (the class-agnostic study's baseline), then softmax(cosines / tau) for each tau
     metrics = {"num_prompts": float(len(prompts)), "max_entropy": max_entropy(len(prompts)),
                "svm_acc1": svm_probe(train_x, train_y, test_x, test_y)}
     curve = []

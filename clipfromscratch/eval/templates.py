@@ -2,8 +2,8 @@
 
 Templates are written with `{c}` where the class name goes. The OpenAI lists are the ones published with CLIP
 (its ImageNet and CIFAR prompt-engineering notebooks). The 32 generic prompts are our own, written in the spirit of
-the class-agnostic experiment of seed 000 (which uses a set of its own: pass that list with `--prompts FILE` to
-reproduce its figures exactly).
+the class-agnostic experiment of Benedetto's thesis "What Do Vision-Language Models Understand? Dissecting CLIP"
+(which uses a set of its own: pass that list with `--prompts FILE` to reproduce its figures exactly).
 """
 from __future__ import annotations
 

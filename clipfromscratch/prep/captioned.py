@@ -14,8 +14,6 @@ from clipfromscratch.prep import writer
 def table_splits(path: str, split: str, img_key: str, caption_key: str, separator: str | None
                  ) -> tuple[writer.Splits, dict]:
     """{split: one item per image, in order of first appearance}, and the table's row counts."""
-    if separator is None:
-        separator = "," if path.lower().endswith(".csv") else "\t"
     table = CaptionTable(path, None, img_key, caption_key, separator)
     captions = table.captions_per_image()
     folder = os.path.dirname(os.path.abspath(path))
