@@ -23,7 +23,7 @@ import torch
 from clipfromscratch.config import load_config
 from clipfromscratch.data.compositional import probe_items
 from clipfromscratch.data.synthetic import SyntheticCaptions
-from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, dense_tokens, similarity_maps
+from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, encode_captions, similarity_maps
 from clipfromscratch.eval.compositional import SYNTHETIC_SIDE
 from clipfromscratch.model import build_model, resolve_image_size
 from clipfromscratch.text_tokenizers import make_tokenizer
@@ -52,13 +52,11 @@ def batched(model, pixels: torch.Tensor, options: list[list[str]], batch: int, d
             for k in range(len(images)):
                 images[k] @ captions[k * OPTIONS:(k + 1) * OPTIONS].t()
             continue
-        tokens = dense_tokens(model.tokenizer, texts)
         image_tokens = model.encode_image_tokens(pixels[start:start + batch])
-        text_tokens = model.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"])
+        text_tokens, mask, functional = encode_captions(model.encode_text_tokens, model.tokenizer, texts, "cpu")
         for k in range(len(image_tokens)):
             part = slice(k * OPTIONS, (k + 1) * OPTIONS)
-            maps = similarity_maps(image_tokens[k:k + 1], text_tokens[part], tokens["attention_mask"][part])
-            model.dense_scorer(maps, tokens["functional"][part])
+            model.dense_scorer(similarity_maps(image_tokens[k:k + 1], text_tokens[part], mask[part]), functional[part])
 
 
 def timed(step) -> float:
@@ -80,9 +78,8 @@ def main() -> None:
     options = [list(item.options) for item in items]
     texts = [t for item in options for t in item]
     with torch.inference_mode():  # features computed once, for the scoring-only contenders
-        tokens = dense_tokens(model.tokenizer, texts)
         image_tokens = model.encode_image_tokens(pixels)
-        text_tokens = model.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"])
+        text_tokens, mask, functional = encode_captions(model.encode_text_tokens, model.tokenizer, texts, "cpu")
         pooled_images, pooled_texts = model.encode_image(pixels), model.encode_text(texts)
 
     @torch.inference_mode()
@@ -90,8 +87,8 @@ def main() -> None:
         for k in range(args.items):
             part = slice(k * OPTIONS, (k + 1) * OPTIONS)
             if dense:
-                maps = similarity_maps(image_tokens[k:k + 1], text_tokens[part], tokens["attention_mask"][part])
-                model.dense_scorer(maps, tokens["functional"][part])
+                model.dense_scorer(similarity_maps(image_tokens[k:k + 1], text_tokens[part], mask[part]),
+                                   functional[part])
             else:
                 pooled_images[k] @ pooled_texts[part].t()
 

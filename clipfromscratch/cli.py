@@ -25,7 +25,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from clipfromscratch.callbacks import CheckpointOnSigterm, ExponentialMovingAverage, StepProgressBar
 from clipfromscratch.config import TrainConfig, load_config, parse_devices, save_config
 from clipfromscratch.data.datamodule import CaptionDataModule
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.callback import ZeroShotCallback
 from clipfromscratch.eval.tasks import EvalOptions
 from clipfromscratch.export import export_model, model_from_checkpoint, read_checkpoint
@@ -47,14 +47,10 @@ def compile_towers(model: CLIP) -> None:
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
     except Exception as err:  # noqa: BLE001 - inductor fails with the errors of its toolchain, whatever they are
-        print(f"--compile: torch.compile does not work here, training eager ({_first_line(err)})", file=sys.stderr)
+        print(f"--compile: torch.compile does not work here, training eager ({first_line(err)})", file=sys.stderr)
         return
     model.image_tower.compile()
     model.text_tower.compile()
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -207,11 +207,12 @@ class TrainConfig:
         if self.data.dataset_resampled and self.data.train_num_samples is None:
             raise UsageError("--dataset-resampled needs --train-num-samples (the samples in one epoch)")
         parse_devices(self.run.devices)
-        for unlocked, locked, flag in ((self.optim.lock_image_unlocked_groups, self.optim.lock_image, "image"),
-                                       (self.optim.lock_text_unlocked_layers, self.optim.lock_text, "text")):
+        optim = self.optim
+        for unlocked, locked, flag, lock in (
+                (optim.lock_image_unlocked_groups, optim.lock_image, "--lock-image-unlocked-groups", "--lock-image"),
+                (optim.lock_text_unlocked_layers, optim.lock_text, "--lock-text-unlocked-layers", "--lock-text")):
             if unlocked and not locked:
-                raise UsageError(f"--lock-{flag}-unlocked-{'groups' if flag == 'image' else 'layers'} applies to a "
-                                 f"locked tower: add --lock-{flag}")
+                raise UsageError(f"{flag} applies to a locked tower: add {lock}")
 
 
 def options_of(sections: Iterable[type]) -> dict[str, tuple[Field, type]]:

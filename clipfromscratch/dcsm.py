@@ -45,6 +45,15 @@ def dense_tokens(tokenizer, texts: list[str], length: int = TEXT_TOKENS) -> dict
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "functional": functional}
 
 
+def encode_captions(encode_text_tokens, tokenizer, texts: list[str], device: torch.device | str,
+                    length: int = TEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Captions -> their (M, length, D) token features by `encode_text_tokens(ids, mask)`, their attention mask and
+    their functional-word ids (`dense_tokens`), all on `device`: what `similarity_maps` and a DenseScorer read."""
+    tokens = {k: v.to(device) for k, v in dense_tokens(tokenizer, texts, length).items()}
+    mask = tokens["attention_mask"]
+    return encode_text_tokens(tokens["input_ids"], mask), mask, tokens["functional"]
+
+
 def _words_by_character(text: str) -> list[str]:
     """For each character of `text`, the normalised word it is part of ('' for spaces)."""
     words = []

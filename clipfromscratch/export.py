@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.dcsm import DenseScorer
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.model import CLIP, build_model
 from clipfromscratch.text_tokenizers import load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
@@ -53,8 +53,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         detail = next((line for line in lines if line.lower().startswith("unsupported")), lines[-1] if lines else "")
         raise UsageError(f"cannot read checkpoint {path}: not tensors and plain data ({detail})") from None
     except (RuntimeError, EOFError, OSError) as err:
-        first_line = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise UsageError(f"cannot read checkpoint {path}: {first_line(err, limit=None)}") from None
 
 
 def model_from_checkpoint(checkpoint: dict) -> CLIP:

@@ -11,7 +11,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.data.transforms import image_transform
-from clipfromscratch.dcsm import DenseScorer, dense_tokens, similarity_maps
+from clipfromscratch.dcsm import DenseScorer, encode_captions, similarity_maps
 from clipfromscratch.encoders.image import build_image_tower, default_image_size
 from clipfromscratch.encoders.text import build_text_tower, text_config
 from clipfromscratch.errors import UsageError
@@ -148,10 +148,9 @@ class CLIP(nn.Module):
         candidate captions, never a whole retrieval."""
         if self.dense_scorer is None:
             return self.logit_scale() * self.encode_image(pixels) @ self.encode_text(texts).t()
-        tokens = {k: v.to(self.log_logit_scale.device) for k, v in dense_tokens(self.tokenizer, texts).items()}
-        text_tokens = self.encode_text_tokens(tokens["input_ids"], tokens["attention_mask"])
-        maps = similarity_maps(self.encode_image_tokens(pixels), text_tokens, tokens["attention_mask"])
-        return self.dense_scorer(maps, tokens["functional"])
+        text_tokens, mask, functional = encode_captions(self.encode_text_tokens, self.tokenizer, texts,
+                                                        self.log_logit_scale.device)
+        return self.dense_scorer(similarity_maps(self.encode_image_tokens(pixels), text_tokens, mask), functional)
 
 
 def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from clipfromscratch.data.compositional import training_pairs
-from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, dense_tokens, similarity_maps
+from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, encode_captions, similarity_maps
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.compositional import SYNTHETIC_SIDE, open_probes, score_items
 from clipfromscratch.eval.data import open_captioned
@@ -92,10 +92,9 @@ def _caption_batches(spec: str, rng: random.Random, size: int) -> Iterator[tuple
 def _maps(model: EvalModel, images: list[Image.Image], captions: list[str], text_tokens: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = torch.stack([model.preprocess(image) for image in images]).to(model.device)
-    tokens = dense_tokens(model.tokenizer, captions, text_tokens)
-    mask = tokens["attention_mask"].to(model.device)
-    texts = model.encode_text_tokens(tokens["input_ids"].to(model.device), mask).float()
-    return similarity_maps(model.encode_image_tokens(pixels).float(), texts, mask), tokens["functional"]
+    texts, mask, functional = encode_captions(model.encode_text_tokens, model.tokenizer, captions, model.device,
+                                              text_tokens)
+    return similarity_maps(model.encode_image_tokens(pixels).float(), texts.float(), mask), functional
 
 
 def train_head(model: EvalModel, batches: Iterator, steps: int, lr: float, seed: int) -> DenseScorer:
@@ -104,14 +103,14 @@ def train_head(model: EvalModel, batches: Iterator, steps: int, lr: float, seed:
     images, captions, true_pairs = next(batches)
     maps, functional = _maps(model, images, captions, TEXT_TOKENS)
     head = DenseScorer(image_tokens=maps.shape[2], text_tokens=maps.shape[3]).to(model.device)
-    head.set_normalisation(maps, functional.to(model.device))
+    head.set_normalisation(maps, functional)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     started = time.perf_counter()
     for step in range(steps):
         if step:
             images, captions, true_pairs = next(batches)
             maps, functional = _maps(model, images, captions, head.text_tokens)
-        logits = head(maps, functional.to(model.device))  # (images, captions)
+        logits = head(maps, functional)  # (images, captions)
         labels = torch.arange(true_pairs, device=model.device)
         # image -> its caption among all; caption -> its image, for the captions that have one
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :true_pairs].t(), labels)) / 2

@@ -14,7 +14,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from clipfromscratch.encoders.registry import Registry, check_size
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, o
     except (OSError, RuntimeError) as err:
         if pretrained and not overrides:
             raise UsageError(f"cannot load pretrained weights for timm model '{timm_name}' (offline or not "
-                             f"published?): {_first_line(err)}") from None
+                             f"published?): {first_line(err)}") from None
         raise _bad_tower(timm_name, overrides, image_size, err) from None
     except (TypeError, ValueError, AssertionError, KeyError) as err:  # how timm says an argument makes no sense
         raise _bad_tower(timm_name, overrides, image_size, err) from None
@@ -162,9 +162,4 @@ def _check_forward(backbone: nn.Module, timm_name: str, overrides: dict, image_s
 
 def _bad_tower(timm_name: str, overrides: dict, image_size: int, err: Exception) -> UsageError:
     given = f" with image_overrides {json.dumps(overrides)}" if overrides else ""
-    return UsageError(f"timm model '{timm_name}' at {image_size} px{given} cannot be built or run: {_first_line(err)}")
-
-
-def _first_line(err: Exception, limit: int = 200) -> str:
-    line = (str(err).splitlines() or [type(err).__name__])[0]
-    return line if len(line) <= limit else line[:limit] + "..."
+    return UsageError(f"timm model '{timm_name}' at {image_size} px{given} cannot be built or run: {first_line(err)}")

@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 from clipfromscratch.data.compositional import ProbeItem, probe_items
-from clipfromscratch.data.tsv import UNREADABLE
-from clipfromscratch.dcsm import dense_tokens, similarity_maps
+from clipfromscratch.data.samples import UNREADABLE, open_rgb
+from clipfromscratch.dcsm import encode_captions, similarity_maps
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.models import EvalModel
 
@@ -54,8 +54,7 @@ class Scored:
 
 def _open_image(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image | None:
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        rgb = open_rgb(path)
     except UNREADABLE as err:  # a missing file is an OSError too
         log.warning("skipping unreadable image %s: %s", path, err)
         return None
@@ -218,14 +217,15 @@ def _cosine_scores(model: EvalModel, pixels: torch.Tensor, options: list[tuple[s
 def _dense_scores(model: EvalModel, pixels: torch.Tensor, options: list[tuple[str, ...]]) -> list[torch.Tensor]:
     """Each image's map against its own options only: dense scoring reads every pair it scores."""
     image_tokens = model.encode_image_tokens(pixels).float()
-    tokens = dense_tokens(model.tokenizer, [o for item in options for o in item], model.dense_scorer.text_tokens)
-    mask = tokens["attention_mask"].to(model.device)
-    text_tokens = model.encode_text_tokens(tokens["input_ids"].to(model.device), mask).float()
+    text_tokens, mask, functional = encode_captions(model.encode_text_tokens, model.tokenizer,
+                                                    [o for item in options for o in item], model.device,
+                                                    model.dense_scorer.text_tokens)
+    text_tokens = text_tokens.float()
     scores, start = [], 0
     for k, item in enumerate(options):
         part = slice(start, start + len(item))
         maps = similarity_maps(image_tokens[k:k + 1], text_tokens[part], mask[part])
-        scores.append(model.dense_scorer(maps, tokens["functional"][part].to(model.device))[0])
+        scores.append(model.dense_scorer(maps, functional[part])[0])
         start += len(item)
     return scores
 

@@ -29,7 +29,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from clipfromscratch.data.tsv import UNREADABLE
+from clipfromscratch.data.samples import UNREADABLE
 from clipfromscratch.errors import UsageError
 
 JPEG_QUALITY = 90
