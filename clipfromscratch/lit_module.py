@@ -154,8 +154,10 @@ class CLIPModule(pl.LightningModule):
         for p in (p for p in self.model.parameters() if p.requires_grad):
             # no weight decay on biases, norms, the temperature and SigLIP's bias: decaying log(1/T) collapses it
             by_group.setdefault((p.ndim >= 2, scales.get(id(p), 1.0)), []).append(p)
+        # decayed groups first, as without layer decay: clipping sums the gradient norm in group order, and the
+        # order of a float sum moves the last digits of a run
         groups = [{"params": params, "weight_decay": optim.weight_decay if decay else 0.0, "lr": optim.lr * scale}
-                  for (decay, scale), params in by_group.items()]
+                  for (decay, scale), params in sorted(by_group.items(), key=lambda group: not group[0][0])]
         # fused: one kernel over all parameters instead of a loop of small ones, on CPU as on GPU
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, fused=True)
         if optim.lr_schedule == "plateau":
