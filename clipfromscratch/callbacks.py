@@ -1,9 +1,12 @@
 """The Trainer's callbacks of our own: a checkpoint on SIGTERM, weight EMA that resumes exactly, a step-counting
-progress bar."""
+progress bar, and progress lines for log files."""
 from __future__ import annotations
+
+import time
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, EMAWeightAveraging, RichProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
@@ -32,6 +35,60 @@ class StepProgressBar(RichProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.progress is not None and self.train_progress_bar_id is not None:
             self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min 5 s, 2 h 10 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+class ProgressLines(Callback):
+    """Progress as lines, flushed at once, for output that goes to a file (a SLURM .out, nohup), where a progress
+    bar shows nothing: every N steps the step, the loss, samples/s over all ranks and the time left; after each
+    validation during training its headline figures. Rank 0 prints."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._mark: tuple[int, float] = (0, 0.0)  # (step, time) of the last line
+        self._samples = 0
+        self._printed_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self._samples += batch["pixels"].size(0) * trainer.world_size
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._printed_step or not trainer.is_global_zero:
+            return
+        (last_step, last_time), now = self._mark, time.perf_counter()
+        # the one host sync of the line, every N steps: the loss of this step
+        loss = f"loss {outputs['loss'].item():.4f}" if outputs and "loss" in outputs else "loss skipped"
+        line = f"step {step}/{trainer.max_steps if trainer.max_steps > 0 else '?'}  {loss}  " \
+               f"{self._samples / (now - last_time):.0f} samples/s"
+        if trainer.max_steps > 0 and step > last_step:
+            line += f"  ETA {duration((trainer.max_steps - step) * (now - last_time) / (step - last_step))}"
+        print(line, flush=True)
+        self._mark, self._samples, self._printed_step = (step, now), 0, step
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero:
+            return  # the final validation is printed by the run's report
+        metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith("val/")}
+        if "mean_recall@1" not in metrics:
+            return
+        line = (f"validation at step {trainer.global_step}: mean R@1 {metrics['mean_recall@1']:.4f} (caption->image "
+                f"{metrics['image_retrieval_recall@1']:.4f}, image->caption {metrics['text_retrieval_recall@1']:.4f})")
+        zeroshot = [f"{k.removeprefix('zeroshot_').removesuffix('_acc1')} {v:.4f}" for k, v in metrics.items()
+                    if k.startswith("zeroshot_")]
+        print(line + (f", zero-shot {', '.join(zeroshot)}" if zeroshot else ""), flush=True)
 
 
 class ExponentialMovingAverage(EMAWeightAveraging):

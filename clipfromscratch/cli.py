@@ -6,36 +6,34 @@ report (metrics.json, the export).
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
+import re
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import replace
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+import torch.distributed as dist
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from clipfromscratch.callbacks import CheckpointOnSigterm, ExponentialMovingAverage, StepProgressBar
-from clipfromscratch.config import TrainConfig, load_config, parse_devices, save_config
+from clipfromscratch import run_folder
+from clipfromscratch.config import TrainConfig, load_config, save_config
 from clipfromscratch.data.datamodule import CaptionDataModule
-from clipfromscratch.errors import UsageError, first_line
-from clipfromscratch.eval.callback import ZeroShotCallback
-from clipfromscratch.eval.tasks import EvalOptions
+from clipfromscratch.errors import UsageError, first_line, report
 from clipfromscratch.export import export_model, model_from_checkpoint, read_checkpoint
 from clipfromscratch.lit_module import MONITOR, CLIPModule
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
+from clipfromscratch.outputs import write_text_atomic
+from clipfromscratch.run_folder import LAST_CKPT
 from clipfromscratch.text_tokenizers import make_tokenizer, shared_tokenizer
+from clipfromscratch.trainer import build_trainer, resolve_precision
 
-LAST_CKPT = "last.ckpt"
 RUN_TOKENIZER = "tokenizer"  # the run folder's tokenizer, written by rank 0 and read by every rank
-RUN_STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the run did not finish, schedulers and torchrun should not take it for done
 EVAL_COMMANDS = ("eval", "compare", "search")
 
@@ -51,95 +49,6 @@ def compile_towers(model: CLIP) -> None:
         return
     model.image_tower.compile()
     model.text_tower.compile()
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """`auto`: bf16-mixed on a CUDA GPU with native bf16 (Ampere and later), 16-mixed on an older one, and
-    32-true otherwise: CPUs without bf16 units run half precision far slower than fp32."""
-    if precision != "auto":
-        return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
-    return "32-true"
-
-
-def _resume_checkpoint(resume: str) -> str:
-    """A checkpoint file, or a run directory's newest: last.ckpt or the one SLURM pre-emption wrote (hpc_ckpt_N)."""
-    if not os.path.isdir(resume):
-        if not os.path.isfile(resume):
-            raise UsageError(f"no checkpoint to resume from: {resume}")
-        return resume
-    found = [os.path.join(resume, LAST_CKPT)] + glob.glob(os.path.join(glob.escape(resume), "hpc_ckpt_*.ckpt"))
-    found = [path for path in found if os.path.isfile(path)]
-    if not found:
-        raise UsageError(f"no checkpoint to resume from in {resume} (no {LAST_CKPT} or hpc_ckpt_*.ckpt)")
-    return max(found, key=os.path.getmtime)
-
-
-def _run_folder(config: TrainConfig, ckpt_path: str | None) -> tuple[str, bool]:
-    """The run folder, and whether it was named by this process's clock (which ranks started apart do not share)."""
-    run = config.run
-    if run.output_dir:
-        return run.output_dir, False
-    if ckpt_path:
-        return os.path.dirname(ckpt_path), False
-    if run.run_name:
-        return os.path.join("checkpoints", os.path.basename(run.run_name)), False
-    # Lightning's DDP launcher re-runs this script per rank: the ranks inherit rank 0's time stamp
-    stamp = os.environ.setdefault(RUN_STAMP_ENV, time.strftime("%Y%m%d-%H%M%S"))
-    return os.path.join("checkpoints", f"{config.model.image_encoder}-{config.model.text_encoder}-{stamp}"), True
-
-
-def _logger(config: TrainConfig, output_dir: str) -> Logger:
-    if config.run.logger == "tensorboard":
-        return TensorBoardLogger(output_dir, name="logs")
-    if config.run.logger == "wandb":
-        # without credentials, log offline rather than wait on a login prompt or the network
-        online = bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") != "offline"
-        return WandbLogger(name=os.path.basename(output_dir), save_dir=output_dir, offline=not online)
-    return CSVLogger(output_dir, name="logs")
-
-
-def _callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
-    run, data, optim = config.run, config.data, config.optim
-    callbacks = [
-        # last.ckpt on a step clock of its own, so a killed run resumes from at most that many steps back
-        ModelCheckpoint(dirpath=output_dir, every_n_train_steps=run.checkpoint_every_n_steps, save_top_k=0,
-                        save_last=True),
-        CheckpointOnSigterm(os.path.join(output_dir, LAST_CKPT)),
-        LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda batch: 0 if batch is None else batch["pixels"].size(0)),
-    ]
-    if data.validation_data:
-        callbacks.append(ModelCheckpoint(dirpath=output_dir, filename="best-{step}", monitor=MONITOR, mode="max"))
-    if data.zeroshot_data:
-        options = EvalOptions(data=data.zeroshot_data, label=data.zeroshot_label, templates=data.zeroshot_templates,
-                              num_workers=data.num_workers, seed=run.seed)
-        name = os.path.basename(data.zeroshot_data.rstrip("/").replace(":", "/"))
-        callbacks.append(ZeroShotCallback(name, options, data.zeroshot_every_n_validations))
-    if run.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=run.early_stopping_patience))
-    if optim.ema_decay is not None:
-        callbacks.append(ExponentialMovingAverage(decay=optim.ema_decay))
-    if _RICH_AVAILABLE:
-        callbacks.append(StepProgressBar())
-    return callbacks
-
-
-def _trainer(config: TrainConfig, output_dir: str) -> pl.Trainer:
-    run, optim = config.run, config.optim
-    return pl.Trainer(
-        accelerator=run.accelerator, devices=parse_devices(run.devices), strategy=run.strategy,
-        num_nodes=run.num_nodes, precision=run.precision, max_steps=run.max_steps, max_epochs=run.max_epochs,
-        gradient_clip_val=optim.gradient_clip_val, accumulate_grad_batches=optim.accumulate_grad_batches,
-        val_check_interval=run.val_every_n_steps, check_val_every_n_epoch=None,
-        log_every_n_steps=run.log_every_n_steps, callbacks=_callbacks(config, output_dir),
-        logger=_logger(config, output_dir), default_root_dir=output_dir, num_sanity_val_steps=0,
-        # its FLOPs column reads 0 without an example input; the run prints its own parameter counts
-        enable_model_summary=False,
-        # "warn": ops without a deterministic kernel warn instead of stopping the run
-        deterministic="warn" if run.deterministic else None,
-    )
 
 
 def _model(config: TrainConfig, data: CaptionDataModule, trainer: pl.Trainer, checkpoint: dict | None,
@@ -184,8 +93,8 @@ def _report(trainer: pl.Trainer, module: CLIPModule, data: CaptionDataModule, co
         results = trainer.validate(module, datamodule=data, verbose=False)[0]
         metrics = {k.removeprefix("val/"): round(v, 4) for k, v in results.items() if k != MONITOR}
     if trainer.is_global_zero:
-        with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": trainer.global_step, **metrics}, f, indent=2)
+        write_text_atomic(os.path.join(output_dir, "metrics.json"),
+                          json.dumps({"step": trainer.global_step, **metrics}, indent=2))
         export_model(module.model, os.path.join(output_dir, "final"))
         print(f"\nrun: {output_dir}  steps: {trainer.global_step}  "
               f"training throughput: {samples_per_s:.0f} samples/s (validation included)")
@@ -197,39 +106,73 @@ def _report(trainer: pl.Trainer, module: CLIPModule, data: CaptionDataModule, co
     return metrics
 
 
+class RanksLost(Exception):
+    """A collective failed: another rank died, or did not answer within --ddp-timeout-s."""
+
+
+def _in_collective(err: BaseException) -> bool:
+    """Whether `err` is a collective's failure: gloo and NCCL raise plain RuntimeErrors, from torch.distributed
+    or from DDP's own collectives (buffer broadcasts, gradient reduction)."""
+    where = (os.path.join("torch", "distributed", ""), os.path.join("torch", "nn", "parallel", "distributed.py"))
+    return (isinstance(err, dist.DistError) or re.search(r"gloo|nccl|c10d", str(err), re.IGNORECASE) is not None
+            or any(place in frame.filename for frame in traceback.extract_tb(err.__traceback__) for place in where))
+
+
+def _collective_reason(err: BaseException) -> str:
+    # "[/path/to/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:13958: Connection reset by peer. ..."
+    return re.sub(r"^\[[^\]]*\] ", "", first_line(err, None)).split(". ")[0][:160]
+
+
+def _warn_short_warmup(config: TrainConfig) -> None:
+    optim, steps = config.optim, config.run.max_steps
+    if optim.lr_schedule == "cosine" and 0 < steps < optim.warmup_steps:
+        print(f"warning: --max-steps {steps} ends inside the {optim.warmup_steps}-step warm-up: the learning rate "
+              f"peaks at {optim.lr * steps / optim.warmup_steps:.3g}, never at --lr {optim.lr:g}", file=sys.stderr,
+              flush=True)
+
+
 def train(config: TrainConfig) -> dict[str, float]:
     """Train, validate, write metrics.json and the export; returns the final validation metrics."""
     pl.seed_everything(config.run.seed, workers=True, verbose=False)
-    ckpt_path = _resume_checkpoint(config.run.resume) if config.run.resume else None
+    output_dir, ckpt_path, stamped = run_folder.plan(config.run.output_dir, config.run.run_name, config.run.resume,
+                                                     f"{config.model.image_encoder}-{config.model.text_encoder}")
     checkpoint = None if ckpt_path is None else read_checkpoint(ckpt_path)
-    output_dir, stamped = _run_folder(config, ckpt_path)
     config = replace(config, model=resolve_image_size(config.model),
                      run=replace(config.run, output_dir=output_dir,
                                  precision=resolve_precision(config.run.precision, config.run.accelerator)))
 
-    trainer = _trainer(config, output_dir)
+    trainer = build_trainer(config, output_dir)
     if stamped and trainer.world_size > 1 and (
             trainer.num_nodes > 1 or trainer.strategy.cluster_environment.creates_processes_externally):
         raise UsageError("ranks started apart (torchrun, SLURM, several nodes) cannot agree on a time-stamped run "
                          "folder: give --output-dir or --run-name")
-    optim = config.optim
-    data = CaptionDataModule(config.data, config.model.image_size, config.run.seed, optim.accum_freq)
-    model = _model(config, data, trainer, checkpoint, output_dir)
-    data.bind(model)
-    module = CLIPModule(model, optim, data.zeroshot_tasks)
-    if trainer.is_global_zero:
-        os.makedirs(output_dir, exist_ok=True)
-        save_config(config, os.path.join(output_dir, "config.yaml"))
+    with run_folder.claim(output_dir, resuming=ckpt_path is not None, rank=trainer.global_rank):
+        optim = config.optim
+        data = CaptionDataModule(config.data, config.model.image_size, config.run.seed, optim.accum_freq)
+        data.check_training_data(trainer.world_size)
+        model = _model(config, data, trainer, checkpoint, output_dir)
+        data.bind(model)
+        module = CLIPModule(model, optim, data.zeroshot_tasks)
+        if trainer.is_global_zero:
+            save_config(config, os.path.join(output_dir, "config.yaml"))
+            _warn_short_warmup(config)
 
-    first_step = checkpoint["global_step"] if checkpoint else 0
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    # the step clock may have stopped short of the end; the whole state (optimizer, loops), so that it resumes
-    trainer.save_checkpoint(os.path.join(output_dir, LAST_CKPT), weights_only=False)
-    samples = ((trainer.global_step - first_step) * config.data.batch_size * optim.accum_freq
-               * optim.accumulate_grad_batches)
-    samples_per_s = samples * trainer.world_size / (time.perf_counter() - started)
-    return _report(trainer, module, data, config, output_dir, samples_per_s)
+        first_step = checkpoint["global_step"] if checkpoint else 0
+        started = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+            # the step clock may have stopped short of the end; the whole state (optimizer, loops), to resume from
+            trainer.save_checkpoint(os.path.join(output_dir, LAST_CKPT), weights_only=False)
+            samples = ((trainer.global_step - first_step) * config.data.batch_size * optim.accum_freq
+                       * optim.accumulate_grad_batches)
+            samples_per_s = samples * trainer.world_size / (time.perf_counter() - started)
+            return _report(trainer, module, data, config, output_dir, samples_per_s)
+        except RuntimeError as err:
+            if not _in_collective(err):
+                raise
+            raise RanksLost(f"rank {trainer.global_rank} lost the other ranks ({_collective_reason(err)}): one of "
+                            f"them died or hung (out of memory? a lost node? its own log says); continue with "
+                            f"--resume {output_dir}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_config(argv))
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
+    except RanksLost as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     except FloatingPointError as err:
         print(f"error: {err}: lower --lr or set --gradient-clip-val", file=sys.stderr)
         return 1

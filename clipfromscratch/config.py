@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -21,10 +22,11 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 import yaml
 
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import CommandLineParser, UsageError
 
 SHORT_FLAGS = {"image_encoder": "--image-enc", "text_encoder": "--text-enc"}
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+TENSORBOARD_MODULES = ("tensorboard", "tensorboardX")  # what Lightning's TensorBoardLogger writes with
 
 
 def opt(default, help: str, choices: tuple | None = None, at_least: float | None = None,
@@ -157,12 +159,17 @@ class RunConfig:
                                  "32-true, bf16-mixed or 16-mixed", PRECISIONS)
     accelerator: str = opt("auto", "what to run on (auto: a GPU if there is one)",
                            ("auto", "cpu", "gpu", "cuda", "mps"))
-    devices: str = opt("auto", "devices per node: a number (-1: all), a list like 0,1, or auto")
+    devices: str = opt("auto", "devices per node: a number (-1: all GPUs, or one process per CPU core), a list of "
+                               "GPUs like 0,1, or auto (every GPU, or one CPU process)")
     strategy: str = opt("auto", "auto (one device: none; several: ddp) or ddp", ("auto", "ddp"))
     num_nodes: int = opt(1, "machines in the job", at_least=1)
+    ddp_timeout_s: int = opt(600, "several ranks: seconds a rank waits for the others in a collective before the "
+                                  "run stops (a dead or stuck rank ends the job instead of hanging it)", at_least=1)
     checkpoint_every_n_steps: int = opt(100, "write last.ckpt every this many steps, so a killed run loses little",
                                         at_least=1)
     log_every_n_steps: int = opt(10, "training steps between logged rows", at_least=1)
+    progress_every_n_steps: int = opt(50, "when output goes to a file (SLURM .out, nohup), print a progress line "
+                                          "every this many steps (a terminal shows a progress bar)", at_least=1)
     compile: bool = opt(False, "torch.compile the towers (falls back to eager, with one line, where the platform "
                                "cannot compile)")
     seed: int = opt(0, "random seed for weights, data order and synthetic data", at_least=0, at_most=2**32 - 1)
@@ -171,7 +178,8 @@ class RunConfig:
     output_dir: str | None = opt(None, "where checkpoints, logs and the export go (default: checkpoints/<run-name>)")
     run_name: str | None = opt(None, "run name (default: <image>-<text>-<date>-<time>)")
     resume: str | None = opt(None, "continue a run: its directory or a checkpoint file (default last.ckpt)")
-    logger: str = opt("csv", "metrics logger", ("csv", "tensorboard", "wandb"))
+    logger: str = opt("csv", "metrics logger (tensorboard: pip install 'clipfromscratch[tensorboard]')",
+                      ("csv", "tensorboard", "wandb"))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
@@ -204,6 +212,11 @@ class TrainConfig:
             raise UsageError("--zeroshot-data runs at validations: give --val-data")
         if self.run.max_steps == -1 and self.run.max_epochs is None:
             raise UsageError("set --max-steps or --max-epochs, or training never ends")
+        if self.run.max_steps == 0:
+            raise UsageError("option max_steps is 0: a run trains at least 1 step (-1: as many as --max-epochs take)")
+        if self.run.logger == "tensorboard" and not any(importlib.util.find_spec(m) for m in TENSORBOARD_MODULES):
+            raise UsageError("--logger tensorboard needs the tensorboard package: pip install "
+                             "'clipfromscratch[tensorboard]' (or use --logger csv or wandb)")
         if self.data.dataset_resampled and self.data.train_num_samples is None:
             raise UsageError("--dataset-resampled needs --train-num-samples (the samples in one epoch)")
         parse_devices(self.run.devices)
@@ -314,7 +327,7 @@ def _help(spec) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="clipfromscratch train", description="Train a CLIP model from scratch.",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML recipe; flags given here win over it")

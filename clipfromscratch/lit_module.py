@@ -70,9 +70,9 @@ class CLIPModule(pl.LightningModule):
         parts = [checkpoint(self._encode_pair, *chunk, use_reentrant=False) for chunk in chunks]
         return torch.cat([image for image, _ in parts]), torch.cat([text for _, text in parts])
 
-    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every sample of the batch was unreadable
-            return None
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        # never an empty batch: the training data replaces unreadable samples (CaptionDataModule), so every rank
+        # reaches the loss's collectives at every step
         image_features, text_features = self.embed(batch)
         scale, bias = self.model.logit_scale(), self.model.logit_bias
         if bias is None:
@@ -106,9 +106,19 @@ class CLIPModule(pl.LightningModule):
             **{f"label_{k}": v for k, v in batch.get("labels", {}).items()},
         })
 
+    def _local_outputs(self) -> dict[str, torch.Tensor]:
+        """This rank's validation outputs concatenated; empty ones of the same shapes if it read no sample, so that
+        it still joins the gathers below (a rank that skipped them would leave the others waiting)."""
+        if self._val_outputs:
+            return {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        features = torch.empty(0, self.model.config.embed_dim, device=self.device)
+        ids = torch.empty(0, dtype=torch.long, device=self.device)
+        return {"image": features, "text": features, "image_id": ids, "index": ids,
+                **{f"label_{task}": ids for task in self.zeroshot_tasks}}
+
     def _gathered_outputs(self) -> dict[str, torch.Tensor]:
-        """This rank's validation outputs concatenated, gathered over ranks, padding duplicates dropped."""
-        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        """Every rank's validation outputs, gathered, padding duplicates dropped."""
+        local = self._local_outputs()
         if self.trainer.world_size == 1:
             return local
         # ranks can hold different row counts (unreadable samples are dropped): pad to the largest, gather, cut
@@ -120,10 +130,10 @@ class CLIPModule(pl.LightningModule):
         return {k: v[keep] for k, v in gathered.items()}
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
-            return
         out = self._gathered_outputs()
         self._val_outputs.clear()
+        if not len(out["index"]):  # every rank knows: none of them read a validation sample
+            raise UsageError("validation read no sample: every validation image was unreadable")
         # one row per image: its captions point at it through text_to_image
         first_row, text_to_image = first_occurrences(out["image_id"])
         images = out["image"][first_row]

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from clipfromscratch.encoders.text import pretrained_source, text_family
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, error_summary, first_line
 
 WORDPIECE_SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
                           mask_token="[MASK]")
@@ -181,7 +181,9 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerFast:
         return _ready(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load tokenizer '{source}' (offline, or no tokenizer there?): "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library reads a damaged file with errors of its own
+        raise UsageError(f"cannot load tokenizer '{source}': its files are damaged ({error_summary(err)})") from None
 
 
 def tokenize(tok: PreTrainedTokenizerFast, texts: list[str], context_length: int) -> dict[str, torch.Tensor]:

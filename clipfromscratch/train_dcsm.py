@@ -10,36 +10,41 @@ The towers never change. The head is trained in a plain loop: one process, a few
 At the end the head is measured on the held-out "eval" vocabulary next to cosine scoring, and written:
 - for our exports and checkpoints: a full export with the head (`load_model(OUT).score(...)` uses it);
 - for `openai:` models: OUT/dcsm.json and dcsm.safetensors, and the model itself in OUT/base.
-Both are models for `eval` and `compare`.
+Both are models for `eval` and `compare`. OUT is written whole once the head is scored; it and every flag are
+checked before the model is loaded.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
+import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import IterableDataset
+from torch.utils.data import Dataset, IterableDataset
+from transformers.utils import logging as transformers_logging
 
 from clipfromscratch.data.compositional import training_pairs
 from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, encode_captions, similarity_maps
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import CommandLineParser, UsageError, report
 from clipfromscratch.eval.compositional import SYNTHETIC_SIDE, open_probes, score_items
 from clipfromscratch.eval.data import open_captioned
-from clipfromscratch.eval.models import EvalModel, from_clip, load_clip, load_openai
-from clipfromscratch.export import export_head_beside, export_model
+from clipfromscratch.eval.models import EvalModel, from_clip, load_clip, load_openai, parse_device
+from clipfromscratch.export import CONFIG, HEAD_CONFIG, export_head_beside, write_export
+from clipfromscratch.outputs import check_output_dir, write_dir_atomic
 
 PAIRS_PER_STEP = 12  # a step's matrix is 24 x 24 on synthetic data (4 pairs of each category)
+HELD_OUT = "dcsm_held_out.json"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipfromscratch train-dcsm", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="clipfromscratch train-dcsm", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an export directory, a .ckpt, or openai:<hub name or dir>")
     p.add_argument("--output", required=True, help="where the model with its head is written")
     p.add_argument("--data", default="synthetic", help="synthetic, a .tsv/.csv caption table, or webdataset shards")
@@ -71,9 +76,10 @@ def swap_two_words(caption: str, rng: random.Random) -> str | None:
     return " ".join(words)
 
 
-def _caption_batches(spec: str, rng: random.Random, size: int) -> Iterator[tuple[list[Image.Image], list[str], int]]:
-    """(images, their captions then a negative for each, images): captions that cannot be swapped are left out."""
-    data = open_captioned(spec, None, 0)
+def _caption_batches(spec: str, data: Dataset, rng: random.Random, size: int
+                     ) -> Iterator[tuple[list[Image.Image], list[str], int]]:
+    """(images, their captions then a negative for each, images) of the opened data SPEC names: captions that
+    cannot be swapped are left out."""
     usable = []
     for sample in (data if isinstance(data, IterableDataset) else (data[i] for i in range(len(data)))):
         if sample is not None:
@@ -124,49 +130,74 @@ def train_head(model: EvalModel, batches: Iterator, steps: int, lr: float, seed:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    transformers_logging.disable_progress_bar()  # its bars for reading and writing local files are noise in logs
     try:
-        run(args)
+        run(parser().parse_args(argv))
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every value, and the output folder, before anything is loaded."""
+    if args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.batch_size < 2:  # a step scores each image against the others' captions
+        raise UsageError(f"--batch-size must be at least 2, got {args.batch_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if args.eval_items < 1:
+        raise UsageError(f"--eval-items must be at least 1, got {args.eval_items}")
+    if args.model.startswith("openclip:"):
+        raise UsageError("train-dcsm takes our exports and checkpoints, and openai: models (open_clip models give "
+                         "no token outputs here)")
+    check_output_dir(args.output, "--output")
+    # the output replaces the folder whole: an earlier model there, never a folder of other files
+    if os.listdir(args.output) and not any(os.path.isfile(os.path.join(args.output, name))
+                                           for name in (CONFIG, HEAD_CONFIG)):
+        raise UsageError(f"--output {args.output} holds files that are not a model, and the output replaces the "
+                         f"folder whole: give a new folder")
+
+
 def run(args: argparse.Namespace) -> dict:
-    if args.max_steps < 1 or args.batch_size < 2:
-        raise UsageError("--max-steps must be at least 1 and --batch-size at least 2")
-    device = torch.device(args.device)
+    device = parse_device(args.device)
+    check_args(args)
+    data = None if args.data == "synthetic" else open_captioned(args.data, None, 0)
     family, colon, source = args.model.partition(":")
     if colon and family == "openai":
         clip, model = None, load_openai(source, device)
-    elif colon and family == "openclip":
-        raise UsageError("train-dcsm takes our exports and checkpoints, and openai: models (open_clip models give "
-                         "no token outputs here)")
     else:
         clip = load_clip(args.model, device)
         model = from_clip(clip, args.model)
     rng = random.Random(args.seed)
-    batches = (_synthetic_batches(rng, args.batch_size) if args.data == "synthetic"
-               else _caption_batches(args.data, rng, args.batch_size))
+    batches = (_synthetic_batches(rng, args.batch_size) if data is None
+               else _caption_batches(args.data, data, rng, args.batch_size))
     head = train_head(model, batches, args.max_steps, args.lr, args.seed)
 
+    print(f"scoring the head on {args.eval_items} held-out items", flush=True)
     model.dense_scorer = head
     held_out = score_items(model, open_probes("synthetic", num_samples=args.eval_items, seed=args.seed))
-    report = {name: scored.metrics for name, scored in held_out.items()}
-    if clip is not None:
-        clip.dense_scorer = head
-        export_model(clip, args.output)
-    else:
-        from transformers import CLIPModel, CLIPProcessor  # the base model, saved as its library saves it
+    scores = {name: scored.metrics for name, scored in held_out.items()}
+    summary = json.dumps({"model": args.model, "data": args.data, "steps": args.max_steps, **scores}, indent=2)
 
-        base = export_head_beside(head, args.output, family)
-        CLIPModel.from_pretrained(source).save_pretrained(base)
-        CLIPProcessor.from_pretrained(source).save_pretrained(base)
-    with open(f"{args.output}/dcsm_held_out.json", "w", encoding="utf-8") as f:
-        json.dump({"model": args.model, "data": args.data, "steps": args.max_steps, **report}, f, indent=2)
+    def write(folder: str) -> None:
+        if clip is not None:
+            clip.dense_scorer = head
+            write_export(clip, folder)
+        else:
+            from transformers import CLIPModel, CLIPProcessor  # the base model, saved as its library saves it
+
+            base = export_head_beside(head, folder, family)
+            CLIPModel.from_pretrained(source).save_pretrained(base)
+            CLIPProcessor.from_pretrained(source).save_pretrained(base)
+        with open(os.path.join(folder, HELD_OUT), "w", encoding="utf-8") as f:
+            f.write(summary)
+
+    write_dir_atomic(args.output, write)
     print(f"\nheld-out 4-way probes ({args.eval_items} items, colours, shapes and wordings unseen in training):")
-    for name, metrics in report.items():
+    for name, metrics in scores.items():
         print(f"  {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc")))
-    print(f"written: {args.output}")
-    return report
+    print(f"written: {args.output}", flush=True)
+    return scores

@@ -2,6 +2,7 @@
 `eval --task compositional`, `compare --tasks compositional` and `train-dcsm`, on tiny models made here."""
 import csv
 import json
+import logging
 import random
 
 import numpy as np
@@ -10,14 +11,15 @@ import torch
 from PIL import Image
 from test_eval_models import export_tiny_ours, save_tiny_openai
 
-from clipfromscratch import load_model
+from clipfromscratch import load_model, train_dcsm
 from clipfromscratch.cli import main
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.data.compositional import VOCABULARIES, probe_items, training_pairs
+from clipfromscratch.data.samples import SHOWN_PER_REASON
 from clipfromscratch.data.synthetic import COLOURS
 from clipfromscratch.dcsm import FUNCTIONAL_WORDS, TEXT_TOKENS, DenseScorer, dense_tokens, similarity_maps
 from clipfromscratch.errors import UsageError
-from clipfromscratch.eval.compositional import credit, open_probes
+from clipfromscratch.eval.compositional import credit, open_probes, score_items
 from clipfromscratch.eval.models import load_eval_model
 from clipfromscratch.model import build_model
 from clipfromscratch.text_tokenizers import make_tokenizer
@@ -266,7 +268,8 @@ def test_train_dcsm_exports_a_model_whose_score_uses_the_head(models, tmp_path, 
     out = tmp_path / "with-head"
     assert main(["train-dcsm", "--model", models[0], "--output", str(out), "--max-steps", "15",
                  "--eval-items", "12"]) == 0, capsys.readouterr().err
-    assert "dcsm    acc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "scoring the head on 12 held-out items" in printed and "dcsm    acc" in printed
     model = load_model(str(out))
     assert model.dense_scorer is not None
     pixels = torch.stack([model.preprocess(Image.new("RGB", (40, 40), c)) for c in ("red", "blue")])
@@ -306,11 +309,57 @@ def test_train_dcsm_on_an_openai_model_and_on_captions(models, benchmarks, tmp_p
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "openclip:ViT-B-32/x"], "train-dcsm takes our exports and checkpoints, and openai: models"),
-    (["--model", "/no/such/model"], "unknown model '/no/such/model'"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--max-steps", "ten"], "argument --max-steps: invalid int value: 'ten'"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--seed", "-3"], "--seed must be between 0 and 2**32 - 1"),
+    (["--eval-items", "0"], "--eval-items must be at least 1"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--data", "/no/such/shards.tar"], "shard not found: /no/such/shards.tar"),
 ])
-def test_train_dcsm_bad_input_is_one_line(models, tmp_path, capsys, args, message):
+def test_train_dcsm_bad_input_is_one_line_before_a_model_is_loaded(models, tmp_path, capsys, monkeypatch, args,
+                                                                    message):
+    def load(*args):
+        raise AssertionError("a model was loaded before every value was checked")
+
+    monkeypatch.setattr(train_dcsm, "load_clip", load)
+    monkeypatch.setattr(train_dcsm, "load_openai", load)
     argv = ["train-dcsm", "--model", models[0], "--output", str(tmp_path / "x"), *args]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_train_dcsm_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["train-dcsm", "--model", "/no/such/model", "--output", str(tmp_path / "x")]) == 2
+    assert "unknown model '/no/such/model'" in capsys.readouterr().err
+
+
+def test_train_dcsm_refuses_an_output_that_would_replace_other_work(models, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.ckpt").write_text("hours of training")
+    (tmp_path / "head").write_text("an earlier head")
+    for output, message in ((tmp_path / "run", "holds files that are not a model"),
+                            (tmp_path / "head", "is a file: give a folder")):
+        assert main(["train-dcsm", "--model", models[0], "--output", str(output), "--max-steps", "1"]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.ckpt").read_text() == "hours of training"
+    assert (tmp_path / "head").read_text() == "an earlier head"
+
+
+def test_unreadable_benchmark_images_are_counted_and_the_first_few_named(models, tmp_path, caplog):
+    records = [{"image_path": f"missing{i}.png", "caption_options": ["a", "b"]} for i in range(6)]
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "images" / "red.png")
+    records.append({"image_path": "red.png", "caption_options": ["a red square", "a blue square"]})
+    (tmp_path / "whatsup.json").write_text(json.dumps(records))
+    items = open_probes(f"whatsup:{tmp_path / 'whatsup.json'}", str(tmp_path / "images"))
+    with caplog.at_level(logging.WARNING):
+        scored = score_items(load_eval_model(models[0]), items)
+    assert scored["cosine"].metrics["n_items"] == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("skipping image") for m in messages) == SHOWN_PER_REASON
+    assert messages[SHOWN_PER_REASON:] == ["skipping more samples for unreadable image: counted, not shown",
+                                           "skipped 6 items whose image could not be read"]

@@ -11,9 +11,10 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from clipfromscratch.config import DataConfig
+from clipfromscratch.data.datamodule import _Substituting
 from clipfromscratch.data.samples import NO_CAPTION, NO_IMAGE, UNREADABLE_IMAGE
 from clipfromscratch.data.shard_index import IndexedShards
-from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls
+from clipfromscratch.data.shards import CaptionShards, resolve_shard_urls, shard_sample_count
 from clipfromscratch.data.tsv import CaptionTable
 from clipfromscratch.errors import UsageError
 
@@ -115,9 +116,19 @@ def test_table_unreadable_images_are_none_and_counted(tmp_path):
     table = write_table(tmp_path / "t.tsv", "filepath\tcaption\n"
                         "garbage.png\tgarbage\nmissing.png\tmissing\ntruncated.jpg\ttruncated\ngood.png\tgood\n")
     ds = CaptionTable(table, transform)
-    assert [ds[i] for i in range(3)] == [None, None, None]
-    assert ds.skipped == {UNREADABLE_IMAGE: 3}
-    assert ds[3]["caption"] == "good" and colour_of(ds[3]["pixels"]) == "green"
+    # a row whose file does not exist is left out when the table is read; one that exists is tried when read
+    assert ds.missing_images == 1 and len(ds) == 3
+    assert [ds[i] for i in range(2)] == [None, None]
+    assert ds.skipped == {UNREADABLE_IMAGE: 2}
+    assert ds[2]["caption"] == "good" and colour_of(ds[2]["pixels"]) == "green"
+
+
+def test_a_table_whose_images_are_all_missing_is_one_line_with_the_counts(tmp_path, caplog):
+    table = write_table(tmp_path / "t.tsv", "filepath\tcaption\n" + "".join(f"{i}.png\tcap {i}\n" for i in range(50)))
+    with caplog.at_level(logging.WARNING), usage_error("no usable rows: 50 rows whose image file does not exist, "
+                                                       f"e.g. {re.escape(str(tmp_path / '0.png'))}"):
+        CaptionTable(table, transform)
+    assert not caplog.records  # no line per image
 
 
 @contextlib.contextmanager
@@ -289,3 +300,78 @@ def test_img2dataset_output_is_read_as_it_is(tmp_path):
     indexed = IndexedShards(str(tmp_path), transform)
     assert [indexed[i]["caption"] for i in range(len(indexed))] == [f"a {c} square" for c in COLOURS]
     assert [colour_of(indexed[i]["pixels"]) for i in range(len(indexed))] == list(COLOURS)
+
+
+# every rank and worker the same number of batches, whatever the shards hold
+
+
+def _per_rank(spec: str, monkeypatch, batch_size: int, **kwargs) -> list[list[str]]:
+    """The captions each of 2 ranks (1 loader worker each) reads in one pass, after `plan_epoch`."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    read = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        stream = CaptionShards(spec, transform, shuffle=False, shuffle_buffer=BUFFER, batch_size=batch_size,
+                               num_workers=1, **kwargs)
+        stream.plan_epoch(2)
+        read.append([s["caption"] for s in stream])
+    return read
+
+
+def test_uneven_shards_give_every_rank_the_same_number_of_samples(tmp_path, monkeypatch):
+    """6 samples in one shard, 2 in the other: dealt out by shard, one rank would run out after 1 batch of 2 while
+    the other had 3, and wait for it at every later step. The short rank goes on with the other's shard."""
+    write_shard(tmp_path / "a.tar", [ok_sample(f"a{i}", "red") for i in range(6)])
+    write_shard(tmp_path / "b.tar", [ok_sample(f"b{i}", "green") for i in range(2)])
+    read = _per_rank(f"{tmp_path / 'a.tar'}::{tmp_path / 'b.tar'}", monkeypatch, batch_size=2)
+    assert [len(r) for r in read] == [4, 4]  # 8 samples over 2 ranks in batches of 2: 2 batches each
+    assert read[1][:2] == ["a green square b0", "a green square b1"]  # its own shard first, then borrowed ones
+    assert all(caption.startswith("a red square a") for caption in read[1][2:])
+
+
+def test_a_rank_whose_only_shard_is_unreadable_borrows_and_trains(tmp_path, monkeypatch, caplog):
+    write_shard(tmp_path / "a.tar", [ok_sample(f"a{i}", "red") for i in range(4)])
+    (tmp_path / "b.tar").write_text("not a tar file")
+    with caplog.at_level(logging.WARNING):
+        read = _per_rank(f"{tmp_path / 'a.tar'}::{tmp_path / 'b.tar'}", monkeypatch, batch_size=2)
+    assert [len(r) for r in read] == [2, 2]  # 4 readable samples over 2 ranks
+    assert sum("b.tar" in r.getMessage() for r in caplog.records) == 1  # logged once, not at every visit
+
+
+def test_an_epoch_size_is_kept_exactly_by_finite_readers(tmp_path, monkeypatch):
+    write_shard(tmp_path / "a.tar", [ok_sample(f"a{i}", "red") for i in range(3)])
+    write_shard(tmp_path / "b.tar", [ok_sample(f"b{i}", "green") for i in range(3)])
+    read = _per_rank(f"{tmp_path / 'a.tar'}::{tmp_path / 'b.tar'}", monkeypatch, batch_size=2, epoch_samples=10)
+    assert [len(r) for r in read] == [6, 6]  # ceil(10 / (2 ranks x 2)) = 3 batches of 2 each, borrowing to get there
+
+
+def test_shard_sample_counts_come_from_stats_files_or_the_tar_headers(tmp_path):
+    write_shard(tmp_path / "000000.tar", [ok_sample(f"{i}", "red") for i in range(3)]
+                + [{"__key__": "x", "txt": "no image"}])
+    assert shard_sample_count(str(tmp_path / "000000.tar")) == 3  # samples with an image
+    (tmp_path / "000000_stats.json").write_text(json.dumps({"images": 7}))  # data_prep's
+    assert shard_sample_count(str(tmp_path / "000000.tar")) == 7
+    (tmp_path / "000000_stats.json").write_text(json.dumps({"successes": 5, "failed_to_download": 2}))  # img2dataset
+    assert shard_sample_count(str(tmp_path / "000000.tar")) == 5
+    (tmp_path / "broken.tar").write_text("no tar")
+    assert shard_sample_count(str(tmp_path / "broken.tar")) == 0
+
+
+def test_several_readers_of_remote_shards_need_an_epoch_size():
+    stream = CaptionShards("pipe:cat a.tar::pipe:cat b.tar", transform, shuffle=True, shuffle_buffer=BUFFER,
+                           num_workers=2)
+    with usage_error("give --train-num-samples"):
+        stream.plan_epoch(1)
+
+
+def test_training_on_a_table_replaces_an_unreadable_image_by_the_next_readable_one(tmp_path):
+    """So that no batch is ever empty: under DDP an empty batch on one rank would leave the others waiting."""
+    (tmp_path / "good.png").write_bytes(image_bytes("green"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    table = CaptionTable(write_table(tmp_path / "t.tsv", "filepath\tcaption\nbad.png\tbad\nbad.png\tbad again\n"
+                                                         "good.png\tgood\n"), transform)
+    training = _Substituting(table)
+    assert [training[i]["caption"] for i in range(3)] == ["good", "good", "good"]
+    (tmp_path / "good.png").write_bytes(b"broken since")
+    with usage_error("none of the 3 training samples can be read any more"):
+        training[0]

@@ -3,6 +3,7 @@ then the shards through the DataModule (workers, ranks) and a short training run
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -285,6 +286,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, which, args, message
     assert command([*args, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err and "\n" not in err, err
+
+
+def test_the_output_is_checked_before_the_source_is_read(tmp_path, unwritable_dir, capsys):
+    # the table does not exist: a run that read it first would say so instead
+    assert captioned.main(["--input", str(tmp_path / "missing.tsv"), "--output", f"{unwritable_dir}/out"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output {unwritable_dir}/out: cannot write there")
+
+
+def test_a_shard_whose_stats_are_damaged_is_written_again(coco_raw, coco_out, tmp_path, capsys):
+    shutil.copytree(coco_out, tmp_path / "out")
+    stats = tmp_path / "out" / "train" / "000001_stats.json"
+    stats.write_text("{trunc")
+    assert coco.main(coco_args(coco_raw, tmp_path / "out")) == 0
+    assert "train          3     1" in capsys.readouterr().out  # 3 shards, 1 of them written again
+    assert folder_state(tmp_path / "out").keys() == {
+        path.replace(str(coco_out), str(tmp_path / "out")) for path in folder_state(coco_out)}
+    assert stats.read_text() == (coco_out / "train" / "000001_stats.json").read_text()
 
 
 def test_changed_settings_are_refused(coco_raw, coco_out):

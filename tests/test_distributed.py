@@ -2,8 +2,11 @@
 for CLIP's loss and SigLIP's."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clipfromscratch.config import ModelConfig, OptimConfig
+from clipfromscratch.data.synthetic import write_shards
 from clipfromscratch.errors import UsageError
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.loss import clip_loss, siglip_loss
@@ -197,3 +201,100 @@ def test_training_stops_in_one_line_if_ranks_hold_different_tokenizers(towers_an
         module.on_fit_start()
     module.all_gather = lambda fingerprint: torch.stack([fingerprint, fingerprint])
     module.on_fit_start()
+
+
+# --- faults under DDP: uneven and unreadable shards, a killed rank, torchrun restarts, two nodes ---
+
+SMALL_DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--image-size", "32", "--batch-size",
+             "8", "--embed-dim", "32", "--num-workers", "0", "--synthetic-train-samples", "4096",
+             "--synthetic-val-samples", "16", "--warmup-steps", "2"]
+
+
+def _metrics(run) -> dict:
+    return json.loads((Path(run) / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_rank_whose_shards_hold_nothing_trains_in_step_with_the_other(tmp_path):
+    """Finite shards dealt out by rank: rank 0 or 1 gets the one that is no tar at all. Both ranks still run the same
+    number of steps (the empty one borrows), so neither waits for the other at a step or at the epoch's end."""
+    shards = tmp_path / "shards"
+    write_shards(str(shards), "train", 40, seed=0, image_size=32, shard_size=40)
+    (shards / "000001.tar").write_text("not a tar file")
+    run = tmp_path / "run"
+    env = {**os.environ, "RANK_PROBE": str(tmp_path / "probe")}
+    done = subprocess.run([sys.executable, PROBE, *SMALL_DDP, "--train-data", str(shards), "--max-steps", "-1",
+                           "--max-epochs", "1", "--output-dir", str(run)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _metrics(run)["step"] == 3  # 40 samples over 2 ranks in batches of 8: 3 steps each
+    ranks = [json.loads((tmp_path / f"probe.rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
+
+
+def _kill_rank_1_after_a_checkpoint(probe: Path, run: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while not (Path(f"{probe}.rank1.pid").is_file() and (run / "last.ckpt").is_file()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.kill(int(Path(f"{probe}.rank1.pid").read_text()), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_in_one_line_and_resume_finishes_it(tmp_path):
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    args = [*SMALL_DDP, "--max-steps", "40", "--val-every-n-steps", "40", "--checkpoint-every-n-steps", "5",
+            "--ddp-timeout-s", "60", "--output-dir", str(run)]
+    proc = subprocess.Popen([sys.executable, PROBE, *args], cwd=REPO, env={**os.environ, "RANK_PROBE": str(probe)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _kill_rank_1_after_a_checkpoint(probe, run, proc)  # as the OOM killer or a lost node would
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - killed < 90  # well within --ddp-timeout-s plus start-up
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 lost the other ranks (") and f"--resume {run}" in last, err[-3000:]
+    assert "Traceback" not in err
+    # the killed run's lock blocks nobody: --resume continues from the last checkpoint to the same final step
+    done = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--resume", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _metrics(run)["step"] == 40
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_and_the_run_continues_to_its_last_step(tmp_path):
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    # a fresh rendezvous store per restart: the shared one hands restarted ranks stale addresses (pytorch#135712)
+    env = {**os.environ, "RANK_PROBE": str(probe), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", "1", PROBE, *SMALL_DDP, "--max-steps", "40", "--val-every-n-steps",
+                             "40", "--checkpoint-every-n-steps", "5", "--output-dir", str(run)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _kill_rank_1_after_a_checkpoint(probe, run, proc)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count(f"torchrun restart 1: continuing from {run / 'last.ckpt'}") == 2  # both new ranks
+    assert _metrics(run)["step"] == 40
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_as_one_node_of_two(tmp_path, ddp_runs, val_table):
+    """configs/cluster/torchrun.sh run twice, as on two nodes (node ranks 0 and 1, one process each), over
+    localhost: the global batch spans the nodes, and the metrics equal the 1 node x 2 processes run's."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("image_encoder: vit\ntext_encoder: bert\n")
+    flags = ["--accelerator", "cpu", "--precision", "32-true", "--max-steps", "6", "--val-every-n-steps", "6",
+             "--image-size", "32", "--batch-size", "8", "--embed-dim", "32", "--num-workers", "0",
+             "--synthetic-train-samples", "256", "--val-data", val_table]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "NNODES": "2",
+           "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RUN": str(tmp_path / "run")}
+    nodes = [subprocess.Popen(["bash", "configs/cluster/torchrun.sh", str(recipe), *flags], cwd=REPO,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for rank in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    assert (tmp_path / "run" / "metrics.json").read_text() == (ddp_runs["torchrun"] / "metrics.json").read_text()

@@ -1,6 +1,7 @@
 """`eval` and `compare` from the command line: outputs on disk, and one-line errors for bad input."""
 import csv
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -36,7 +37,11 @@ def test_compare_writes_a_report_for_two_models(models, tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(["compare", "--models", ours, openai, "--tasks", "retrieval", "zeroshot", "class_agnostic",
                  "--data", "synthetic", "--label", "colour", "--num-samples", "48", "--output-dir", str(out)])
-    assert code == 0, capsys.readouterr().err
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    # a line per model and task as it finishes, before the report
+    progress = [line.split(": done in ")[0] for line in printed.splitlines() if ": done in " in line]
+    assert progress == [f"{m} / {t}" for m in (ours, openai) for t in ("retrieval", "zeroshot", "class_agnostic")]
     report = (out / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| task / metric"))
     assert ours in header and openai in header
@@ -114,3 +119,17 @@ def test_eval_flags_are_the_eval_options():
 def test_every_command_checks_its_options_first_in_one_line(capsys, command):
     assert main([*command, "--num-workers", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: option num_workers is -1: it must be at least 0"
+
+
+def test_eval_output_in_a_new_folder_is_written_whole(models, tmp_path, capsys):
+    output = tmp_path / "new" / "deeper" / "zs.json"
+    assert main(["eval", "--model", models[0], "--task", "retrieval", "--num-samples", "8", "--output",
+                 str(output)]) == 0
+    assert json.loads(output.read_text())["metrics"] == json.loads(capsys.readouterr().out)
+    assert os.listdir(output.parent) == ["zs.json"]  # nothing half-written beside it
+
+
+def test_eval_output_that_cannot_be_written_stops_before_the_model_runs(models, unwritable_dir, capsys):
+    assert main(["eval", "--model", models[0], "--task", "retrieval", "--output", f"{unwritable_dir}/zs.json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: --output {unwritable_dir}") and "cannot write there" in err

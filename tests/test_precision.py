@@ -5,11 +5,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from clipfromscratch.cli import resolve_precision
 from clipfromscratch.config import ModelConfig, OptimConfig
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.model import build_model
 from clipfromscratch.text_tokenizers import make_tokenizer, tokenize
+from clipfromscratch.trainer import resolve_precision
 
 CAPTIONS = ["a small red circle on the left", "a blue square above a green triangle", "one large yellow star",
             "there is an orange cross in the middle", "a purple diamond", "two pink circles",

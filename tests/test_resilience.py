@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import clipfromscratch.lit_module
-from clipfromscratch.cli import _resume_checkpoint, main
+from clipfromscratch.cli import main
+from clipfromscratch.run_folder import resume_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "32", "--batch-size", "16", "--embed-dim", "32", "--num-workers", "0",
@@ -44,6 +45,7 @@ def test_kill_9_then_resume_completes_the_run(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert 5 <= _step(last) < 80
+    assert os.path.isfile(os.path.join(run, "run.lock"))  # left by the killed run, whose lock died with it
     assert main(["--resume", run]) == 0
     assert _final_step(run) == 80 == _step(last)
 
@@ -87,7 +89,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, mo
         main(["--output-dir", run, "--max-steps", "20", "--val-every-n-steps", "20", "--checkpoint-every-n-steps", "5",
               *TINY])
     assert _step(os.path.join(run, "last.ckpt")) == 5
-    assert sorted(os.listdir(run)) == ["config.yaml", "last.ckpt", "logs", "tokenizer"]  # no half-written file
+    assert sorted(os.listdir(run)) == ["config.yaml", "last.ckpt", "logs", "run.lock", "tokenizer"]  # no half file
 
 
 @pytest.fixture
@@ -123,6 +125,6 @@ def test_resume_takes_the_newest_of_last_and_a_preemption_checkpoint(tmp_path):
     (tmp_path / "last.ckpt").write_bytes(b"")
     (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"")
     os.utime(tmp_path / "last.ckpt", (1, 1))
-    assert _resume_checkpoint(str(tmp_path)) == str(tmp_path / "hpc_ckpt_3.ckpt")
+    assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "hpc_ckpt_3.ckpt")
     os.utime(tmp_path / "hpc_ckpt_3.ckpt", (0, 0))
-    assert _resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt")
+    assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt")

@@ -10,7 +10,15 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from clipfromscratch.config import DataConfig
 from clipfromscratch.data.datamodule import CaptionDataModule
-from clipfromscratch.data.samples import MALFORMED_JSON, NO_CAPTION, NO_IMAGE, NO_LABEL, UNREADABLE_IMAGE
+from clipfromscratch.data.samples import (
+    MALFORMED_JSON,
+    NO_CAPTION,
+    NO_IMAGE,
+    NO_LABEL,
+    SHOWN_PER_REASON,
+    UNREADABLE_IMAGE,
+    SkipCounts,
+)
 from clipfromscratch.data.shard_index import IndexedShards
 from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.tsv import CaptionTable
@@ -84,16 +92,19 @@ def test_training_validation_and_evaluation_keep_and_skip_the_same_samples(tmp_p
     assert validation.skipped == SKIPPED
 
     evaluation = open_captioned(shard)
-    evaluated = [(pil_to_tensor(image), captions) for image, captions in evaluation]
+    read = list(evaluation)
+    assert sum(sample is None for sample in read) == sum(SKIPPED.values())  # a None in place of each, to be counted
+    evaluated = [(pil_to_tensor(image), captions) for image, captions in filter(None, read)]
     evaluation_log = skip_messages(caplog)
     assert [(colour_of(pixels), captions) for pixels, captions in evaluated] == GOOD
     assert evaluation.skipped == SKIPPED
 
-    # the very same pixels, and the same warning for each skipped sample, e.g. "skipping sample 0003 in
-    # .../damaged.tar: no image"
+    # the very same pixels, and the same warnings, naming the first skipped samples of each reason, e.g.
+    # "skipping sample 0003 in .../damaged.tar: no image"
     for (pixels, _), (indexed_pixels, _), sample in zip(evaluated, indexed, streamed):
         assert torch.equal(pixels, indexed_pixels) and torch.equal(pixels, sample["pixels"])
-    assert len(training_log) == sum(SKIPPED.values()) and training_log == validation_log == evaluation_log
+    assert len(training_log) == sum(min(n, SHOWN_PER_REASON) for n in SKIPPED.values())
+    assert training_log == validation_log == evaluation_log
     assert f"skipping sample 0003 in {shard}: no image" in training_log
 
 
@@ -101,7 +112,8 @@ def test_labels_are_read_flat_or_under_labels_and_replace_the_caption_requiremen
     shard = damaged_shard(tmp_path / "damaged.tar")
     labelled = open_labelled(shard, label="articleType")
     assert labelled.classnames == ["Shirts", "Shoes"]
-    assert [(colour_of(pil_to_tensor(image)), label) for image, label in labelled.test] == [("red", 1), ("blue", 0)]
+    assert [(colour_of(pil_to_tensor(image)), label) for image, label in filter(None, labelled.test)] == [
+        ("red", 1), ("blue", 0)]
     # a label is asked for, not a caption: samples without one are skipped for that, before their image is decoded
     assert labelled.test.skipped == {NO_IMAGE: 1, MALFORMED_JSON: 2, NO_LABEL: 5}
 
@@ -134,3 +146,15 @@ def test_a_csv_table_is_split_on_commas_in_training_and_evaluation(tmp_path):
     # --csv-separator overrides the suffix in training
     data = CaptionDataModule(DataConfig(train_data=str(tmp_path / "semicolons.csv"), csv_separator=";"), 8, 0)
     assert list(data.train_set.captions()) == expected
+
+
+def test_skips_are_logged_for_the_first_few_of_each_reason_then_only_counted(caplog):
+    skipped = SkipCounts()
+    with caplog.at_level(logging.WARNING):
+        for key in range(SHOWN_PER_REASON + 4):
+            skipped.add(UNREADABLE_IMAGE, f"sample {key}", "truncated")
+        skipped.add(NO_CAPTION, "sample 99")
+    assert skipped == {UNREADABLE_IMAGE: SHOWN_PER_REASON + 4, NO_CAPTION: 1}
+    assert [r.getMessage() for r in caplog.records] == [
+        *(f"skipping sample {key}: unreadable image (truncated)" for key in range(SHOWN_PER_REASON)),
+        "skipping more samples for unreadable image: counted, not shown", "skipping sample 99: no caption"]

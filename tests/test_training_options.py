@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from clipfromscratch import load_model
 from clipfromscratch.callbacks import StepProgressBar
-from clipfromscratch.cli import _trainer as cli_trainer
 from clipfromscratch.cli import compile_towers, main
 from clipfromscratch.config import ModelConfig, OptimConfig, load_config
 from clipfromscratch.errors import UsageError
@@ -24,6 +23,7 @@ from clipfromscratch.export import read_checkpoint
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.model import build_model
 from clipfromscratch.text_tokenizers import make_tokenizer
+from clipfromscratch.trainer import build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle above a blue square", "a green star", "no yellow triangle here"] * 10
@@ -225,12 +225,13 @@ def test_options_have_flags_yaml_keys_and_checked_values(tmp_path, capsys):
 # what a run shows
 
 
-def test_the_progress_bar_counts_steps_against_max_steps_and_no_flops_summary_is_printed(tmp_path):
+def test_the_progress_bar_counts_steps_against_max_steps_and_no_flops_summary_is_printed(tmp_path, monkeypatch):
+    monkeypatch.setattr("clipfromscratch.trainer.to_terminal", lambda: True)
     bar = StepProgressBar()
     bar._trainer = SimpleNamespace(max_steps=1000, global_step=250, max_epochs=-1)
     assert bar._get_train_description(0) == "step 250/1000"  # Lightning's own reads "Epoch 0/-2" here
     bar._trainer = SimpleNamespace(max_steps=-1, global_step=250, max_epochs=5)
     assert bar._get_train_description(2).strip() == "Epoch 2/4"
-    trainer = cli_trainer(load_config(["--output-dir", str(tmp_path), "--precision", "32-true"]), str(tmp_path))
+    trainer = build_trainer(load_config(["--output-dir", str(tmp_path), "--precision", "32-true"]), str(tmp_path))
     assert any(isinstance(c, StepProgressBar) for c in trainer.callbacks)
     assert not any(isinstance(c, ModelSummary) for c in trainer.callbacks)  # its FLOPs would read 0

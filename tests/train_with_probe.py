@@ -1,6 +1,8 @@
 """`python tests/train_with_probe.py [train.py flags]`: train.py with one more callback, which writes what every rank
 of a run must agree on to `$RANK_PROBE.rank<N>.json`: the fingerprint of the tokenizer the rank trains with, and
-a hash of its parameters when training ends. Launchers re-run this script for every rank, so each rank has it."""
+a hash of its parameters when training ends; and, as training starts, the rank's process id to
+`$RANK_PROBE.rank<N>.pid` (for tests that kill a rank). Launchers re-run this script for every rank, so each rank
+has it."""
 import hashlib
 import json
 import os
@@ -8,7 +10,7 @@ import sys
 
 import pytorch_lightning as pl
 
-from clipfromscratch import cli
+from clipfromscratch import cli, trainer
 from clipfromscratch.text_tokenizers import tokenizer_fingerprint
 
 
@@ -19,6 +21,8 @@ class RankProbe(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.record["tokenizer"] = tokenizer_fingerprint(pl_module.model.tokenizer)
+        with open(f"{self.prefix}.rank{trainer.global_rank}.pid", "w", encoding="utf-8") as f:
+            f.write(str(os.getpid()))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         digest = hashlib.sha256()
@@ -31,6 +35,6 @@ class RankProbe(pl.Callback):
 
 
 if __name__ == "__main__":
-    callbacks = cli._callbacks
-    cli._callbacks = lambda config, output_dir: [*callbacks(config, output_dir), RankProbe(os.environ["RANK_PROBE"])]
+    callbacks = trainer.callbacks
+    trainer.callbacks = lambda config, output_dir: [*callbacks(config, output_dir), RankProbe(os.environ["RANK_PROBE"])]
     sys.exit(cli.main(["train", *sys.argv[1:]]))

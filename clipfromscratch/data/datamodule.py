@@ -6,6 +6,7 @@ Tokenisation happens in the loader workers, in `Collate`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import pytorch_lightning as pl
@@ -19,6 +20,7 @@ from clipfromscratch.data.shards import CaptionShards
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.transforms import image_transform
 from clipfromscratch.data.tsv import CaptionTable, is_caption_table
+from clipfromscratch.errors import UsageError
 from clipfromscratch.text_tokenizers import tokenize
 
 
@@ -47,6 +49,25 @@ class _Indexed(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         sample = self.dataset[index]
         return None if sample is None else {**sample, "index": index}
+
+
+class _Substituting(Dataset):
+    """Training on a map-style source: an unreadable sample is replaced by the next readable one, so that every
+    batch is full and no rank ever holds an empty one (under DDP every rank must reach every step's collectives)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        size = len(self.dataset)
+        for offset in range(size):
+            sample = self.dataset[(index + offset) % size]
+            if sample is not None:
+                return sample
+        raise UsageError(f"none of the {size} training samples can be read any more")
 
 
 class _Rereadable:
@@ -93,6 +114,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def __init__(self, config: DataConfig, image_size: int, seed: int, accum_freq: int = 1):
         super().__init__()
+        self.train_data = config.train_data
         self.batch_size = config.batch_size * accum_freq
         self.num_workers = config.num_workers
         stream = {"shuffle_buffer": config.shuffle_buffer, "resampled": config.dataset_resampled,
@@ -121,6 +143,31 @@ class CaptionDataModule(pl.LightningDataModule):
         """{task: (class names, prompt templates)} the validation set offers, e.g. colour and shape."""
         return getattr(self.val_set, "zeroshot_tasks", {})
 
+    def check_training_data(self, world_size: int) -> None:
+        """Before any work: the training data makes at least one full batch on each of `world_size` ranks (an
+        epoch without a batch would repeat forever), and several readers of finite shards get an epoch size that
+        keeps them in step. Every rank reaches the same verdict from the same files."""
+        data, batch = self.train_set, self.batch_size
+        need = f"one batch of {batch} per rank" + (f" ({world_size} ranks)" if world_size > 1 else "")
+        if isinstance(data, CaptionShards):
+            data.plan_epoch(world_size)
+            found, skipped, unreadable = data.readable_samples(batch)
+            if found < batch:
+                why = [f"{unreadable} of {len(data.urls)} shards unreadable"] if unreadable else []
+                why += [f"skipped {reason}: {n}" for reason, n in skipped.items()]
+                raise UsageError(f"training data {self.train_data}: {found} readable samples, fewer than one batch "
+                                 f"of {batch}" + (f" ({'; '.join(why)})" if why else ""))
+            if data.epoch_samples is not None and data.epoch_samples < batch * world_size:
+                raise UsageError(f"training data {self.train_data}: {data.epoch_samples} samples in an epoch, "
+                                 f"fewer than {need}")
+            return
+        if math.ceil(len(data) / world_size) < batch:
+            raise UsageError(f"training data {self.train_data}: {len(data)} usable samples, fewer than {need}: "
+                             "lower --batch-size or add data")
+        if isinstance(data, CaptionTable) and (readable := data.readable_rows(batch)) < batch:
+            raise UsageError(f"training data {self.train_data}: {readable} of {len(data)} rows have an image that "
+                             f"can be read, fewer than one batch of {batch}")
+
     def bind(self, model) -> None:
         """Preprocess images and tokenise captions the way `model` expects."""
         tower = model.image_tower
@@ -135,7 +182,7 @@ class CaptionDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         iterable = isinstance(dataset, IterableDataset)
         return DataLoader(
-            dataset if iterable else _Indexed(dataset),
+            dataset if iterable else _Substituting(dataset) if train else _Indexed(dataset),
             batch_size=self.batch_size,
             shuffle=train and not iterable,
             drop_last=train,  # a last tiny batch has too few negatives to be a useful contrastive step
@@ -145,8 +192,6 @@ class CaptionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if isinstance(self.train_set, CaptionShards):
-            self.train_set.check_readers(self.trainer.world_size if self.trainer else 1)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:

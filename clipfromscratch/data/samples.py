@@ -3,10 +3,11 @@
 A sample of webdataset shards is the tar members that share a KEY: an image KEY.jpg (or .jpeg, .png, .webp),
 a caption KEY.txt and, optionally, KEY.json (the layout of data_prep/ and of img2dataset). A `captions` list in
 KEY.json (COCO's five per image) replaces KEY.txt; a label is a KEY.json field, or a field of its `labels`
-mapping, where data_prep writes Fashion's class columns. A sample is left out, counted by reason and logged,
-when it has no image, its KEY.json is not a JSON object, it has no caption (or, where a label is read, not
-that label), or its image cannot be decoded; the checks run in that order and the first that fails is the
-reason. Images of shards are decoded here, by one decoder, so every reader accepts the same ones.
+mapping, where data_prep writes Fashion's class columns. A sample is left out, counted by reason and logged
+(the first of each reason), when it has no image, its KEY.json is not a JSON object, it has no caption (or,
+where a label is read, not that label), or its image cannot be decoded; the checks run in that order and the
+first that fails is the reason. Images of shards are decoded here, by one decoder, so every reader accepts the
+same ones.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ TEXT_EXTENSIONS = ("txt", "json")  # the members that captions and labels are re
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
 NO_IMAGE, MALFORMED_JSON, NO_CAPTION, NO_LABEL, UNREADABLE_IMAGE = (
     "no image", "malformed json", "no caption", "no label", "unreadable image")
+SHOWN_PER_REASON = 1  # one example of each reason: a thousand broken images would print a thousand lines
 
 
 class SkippedSample(Exception):
@@ -39,12 +41,16 @@ class SkippedSample(Exception):
 
 
 class SkipCounts(Counter):
-    """Samples left out, by reason, in this process (loader workers count in their own copy); each one logged."""
+    """Samples left out, by reason, in this process (loader workers count in their own copy); the first
+    SHOWN_PER_REASON of each reason are logged, then one line says that the rest are only counted."""
 
     def add(self, reason: str, what: str, detail: object = None) -> None:
         """Count one sample left out; `what` names it in the log ("sample KEY in URL"), `detail` says more."""
         self[reason] += 1
-        log.warning("skipping %s: %s", what, f"{reason} ({detail})" if detail else reason)
+        if self[reason] <= SHOWN_PER_REASON:
+            log.warning("skipping %s: %s", what, f"{reason} ({detail})" if detail else reason)
+        elif self[reason] == SHOWN_PER_REASON + 1:
+            log.warning("skipping more samples for %s: counted, not shown", reason)
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,27 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 
 import braceexpand
 import torch
 import webdataset as wds
 
-from clipfromscratch.data.samples import TEXT_EXTENSIONS, SkipCounts, SkippedSample, read_sample, sample_captions
+from clipfromscratch.data.samples import (
+    IMAGE_EXTENSIONS,
+    TEXT_EXTENSIONS,
+    SkipCounts,
+    SkippedSample,
+    read_sample,
+    sample_captions,
+)
 from clipfromscratch.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -59,13 +69,47 @@ def shard_error(exn: Exception) -> bool:
     return True
 
 
+# the per-shard statistics written beside each shard, and their count of samples: data_prep's, img2dataset's
+STATS_COUNTS = ("images", "successes")
+
+
+def shard_sample_count(url: str) -> int:
+    """The samples with an image in a local shard: from the statistics file beside it (data_prep and img2dataset
+    write NNNNNN_stats.json), else by reading the tar headers (seeking over the data); 0 for a file that is no tar."""
+    try:
+        with open(url.removesuffix(".tar") + "_stats.json", encoding="utf-8") as f:
+            stats = json.load(f)
+        return next(int(stats[key]) for key in STATS_COUNTS if isinstance(stats.get(key), int))
+    except (OSError, ValueError, StopIteration, AttributeError):
+        pass
+    keys = set()
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                key, ext = wds.tariterators.base_plus_ext(member.name)
+                if member.isfile() and key is not None and ext.lower() in IMAGE_EXTENSIONS:
+                    keys.add(key)
+    except (tarfile.TarError, OSError):
+        pass  # counted as far as it could be read
+    return len(keys)
+
+
+class _Tally(Counter):
+    """SkipCounts without the log lines: samples left out, by reason."""
+
+    def add(self, reason: str, what: str, detail: object = None) -> None:
+        self[reason] += 1
+
+
 class CaptionShards(torch.utils.data.IterableDataset):
     """Training samples streamed from shards: shard order shuffled, a sample shuffle buffer, split by rank and worker.
 
     Finite (default): each pass reads every shard once, the shards dealt out to ranks, then to loader workers.
     Resampled: every worker draws shards at random with replacement, an endless stream cut into epochs of
-    `epoch_samples`. With `epoch_samples`, each worker yields exactly (resampled) or at most (finite) its share,
-    rounded up to whole batches, so every rank runs the same number of steps.
+    `epoch_samples`. With `epoch_samples`, each reader (a rank's loader worker) yields exactly its share, rounded
+    up to whole batches, so every rank runs the same number of steps: a finite reader whose own shards run out
+    first (shards of different sizes, unreadable ones) goes on with the other readers' shards. `plan_epoch` sets
+    the epoch size where several readers need one.
     """
 
     def __init__(self, spec: str, transform: Callable[[torch.Tensor], torch.Tensor] | None, shuffle: bool,
@@ -82,6 +126,8 @@ class CaptionShards(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.skipped = SkipCounts()
+        self.unreadable_shards: set[str] = set()  # by this process
+        self._raw_read = 0
         self._passes = 0
 
     def check_readers(self, world_size: int) -> None:
@@ -91,6 +137,18 @@ class CaptionShards(torch.utils.data.IterableDataset):
             raise UsageError(f"{len(self.urls)} training shards for {readers} readers ({world_size} ranks x "
                              f"{max(1, self.num_workers)} workers): use --dataset-resampled with --train-num-samples, "
                              "fewer --num-workers, or more shards (smaller --shard-size)")
+
+    def plan_epoch(self, world_size: int) -> None:
+        """Give a finite stream read by several readers an epoch size, so that they all yield the same number of
+        batches (a reader that ran out would leave its rank waiting for the others at every step, or finish the
+        epoch alone): the samples the shards hold, unless --train-num-samples says."""
+        self.check_readers(world_size)
+        if self.resampled or self.epoch_samples is not None or world_size * max(1, self.num_workers) == 1:
+            return
+        if any(is_remote(url) for url in self.urls):
+            raise UsageError("training on remote shards with several ranks or loader workers: give "
+                             "--train-num-samples (the samples in one epoch), so that every reader yields as many")
+        self.epoch_samples = sum(shard_sample_count(url) for url in self.urls)
 
     def _worker_samples(self, world_size: int) -> int:
         batches = math.ceil(self.epoch_samples / (world_size * max(1, self.num_workers) * self.batch_size))
@@ -108,7 +166,7 @@ class CaptionShards(torch.utils.data.IterableDataset):
         # process and in persistent workers (non-persistent workers get a fresh copy and repeat pass 0).
         pass_seed = f"{self.seed}/{self._passes}"
         self._passes += 1
-        rank, world_size, worker, _ = wds.utils.pytorch_worker_info()
+        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
         worker_seed = f"{pass_seed}/{rank}/{worker}"
         if self.resampled:
             shard_rng = random.Random(worker_seed)
@@ -116,10 +174,11 @@ class CaptionShards(torch.utils.data.IterableDataset):
         else:
             urls = list(self.urls)
             if self.shuffle:
-                # the same shard order on every rank, so splitting it by node below still partitions it
+                # the same shard order on every rank, so dealing it out below still partitions it
                 random.Random(pass_seed).shuffle(urls)
-            urls = wds.split_by_worker(wds.split_by_node(urls))
-        samples = wds.tarfile_samples(({"url": url} for url in urls), handler=shard_error)
+            own = urls[rank::world_size][worker::num_workers]
+            urls = own if self.epoch_samples is None else self._borrowing(own, urls, rank * num_workers + worker)
+        samples = self._raw_samples(urls)
         if self.shuffle:
             samples = wds.shuffle(self.shuffle_buffer, seed=worker_seed)(samples)
         caption_rng = random.Random(f"{worker_seed}/captions")
@@ -129,12 +188,54 @@ class CaptionShards(torch.utils.data.IterableDataset):
             decoded = itertools.islice(decoded, self._worker_samples(world_size))
         yield from decoded
 
+    def readable_samples(self, wanted: int) -> tuple[int, Counter, int]:
+        """(readable samples of the shards in shard order, counted up to `wanted` (images decoded), the samples
+        skipped by reason, the shards that could not be read); nothing is logged: a check before training, which
+        reports the counts itself."""
+        found, skipped, unreadable = 0, _Tally(), set()
+        for raw in self._raw_samples(self.urls, lambda url, exn: unreadable.add(url) or True):
+            found += read_sample(raw, skipped) is not None
+            if found == wanted:
+                break
+        return found, skipped, len(unreadable)
+
+    def _raw_samples(self, urls: Iterable[str], unreadable: Callable[[str, Exception], bool] | None = None
+                     ) -> Iterator[dict]:
+        """The samples of `urls` in order, as webdataset reads them; an unreadable shard is skipped, by default
+        logged once."""
+        unreadable = unreadable or self._unreadable
+        for url in urls:
+            for raw in wds.tarfile_samples([{"url": url}], handler=lambda exn, url=url: unreadable(url, exn)):
+                self._raw_read += 1
+                yield raw
+
+    def _unreadable(self, url: str, exn: Exception) -> bool:
+        if url not in self.unreadable_shards:
+            self.unreadable_shards.add(url)
+            shard_error(exn)
+        return True
+
+    def _borrowing(self, own: list[str], everything: list[str], reader: int) -> Iterator[str]:
+        """A finite reader's shards: its own, then, should its share need more, the others' over and over, starting
+        at a place of its own among them (so that borrowers spread out), its own last."""
+        yield from own
+        others = [url for url in everything if url not in own]
+        start = reader * len(others) // max(1, len(everything))
+        cycle = others[start:] + others[:start] + own
+        while True:
+            read_before = self._raw_read
+            yield from cycle
+            if self._raw_read == read_before:  # the data went away under the run: stop, never spin
+                raise UsageError(f"no sample could be read from any of the {len(everything)} training shards")
+
     def captions(self) -> Iterator[str]:
         """Every caption in shard order, streamed; only the .txt and .json members are read (so a sample without
         an image, or with one that cannot be decoded, still gives its captions)."""
-        shards = ({"url": url} for url in self.urls)
         suffixes = tuple(f".{ext}" for ext in TEXT_EXTENSIONS)
-        for raw in wds.tarfile_samples(shards, handler=shard_error, select_files=lambda name: name.endswith(suffixes)):
+        raws = (raw for url in self.urls for raw in wds.tarfile_samples(
+            [{"url": url}], handler=lambda exn, url=url: self._unreadable(url, exn),
+            select_files=lambda name: name.endswith(suffixes)))
+        for raw in raws:
             try:
                 captions = sample_captions(raw)
             except SkippedSample:  # malformed KEY.json: the training stream skips this sample too

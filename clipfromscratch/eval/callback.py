@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from clipfromscratch.eval.data import open_labelled
 from clipfromscratch.eval.models import from_clip
 from clipfromscratch.eval.tasks import EvalOptions, Evaluation, zeroshot
 
@@ -19,6 +20,11 @@ class ZeroShotCallback(pl.Callback):
         self.options = options
         self.every_n_validations = every_n_validations
         self.validations = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # data that cannot be read stops the run before its first step, not at its first validation
+        o = self.options
+        open_labelled(o.data, o.label, o.classnames, o.num_samples, o.seed, o.download)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

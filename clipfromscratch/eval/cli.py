@@ -1,25 +1,27 @@
 """`clipfromscratch eval | compare | search` and the top-level help.
 
 Flags -> EvalOptions (its flags made and checked by clipfromscratch.config, as training's) and models -> results
-on disk and stdout.
+on disk and stdout. Every flag and output location is checked before a model is loaded; a bad one is one line
+`error: ...` on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import warnings
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from clipfromscratch.config import add_flags, options_of, section_from
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import CommandLineParser, UsageError, report
 from clipfromscratch.eval.compare import compare
-from clipfromscratch.eval.models import load_eval_model
+from clipfromscratch.eval.models import load_eval_model, parse_device
 from clipfromscratch.eval.plots import confusion_matrices, failure_sheet, write_confusion_csv
-from clipfromscratch.eval.search import DEFAULT_CACHE_DIR, contact_sheet, search
-from clipfromscratch.eval.tasks import TASKS, EvalOptions, Evaluation, run_task
+from clipfromscratch.eval.search import DEFAULT_CACHE_DIR, check_search, check_sheet, contact_sheet, search
+from clipfromscratch.eval.tasks import TASKS, EvalOptions, Evaluation, check_tasks, run_task
+from clipfromscratch.outputs import check_output_file, write_text_atomic
 
 EVAL_OPTIONS = options_of([EvalOptions])
 # search reads no DATA (its --images is the folder it searches): of the evaluation options it takes those of
@@ -35,8 +37,8 @@ def _option_flags(parser: argparse.ArgumentParser, options: dict) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="clipfromscratch", description="Train CLIP models from scratch, evaluate "
-                                   "and compare them. `clipfromscratch COMMAND --help` for a command's options.")
+    root = CommandLineParser(prog="clipfromscratch", description="Train CLIP models from scratch, evaluate and "
+                             "compare them. `clipfromscratch COMMAND --help` for a command's options.")
     commands = root.add_subparsers(dest="command", required=True)
     # listed for the help screen only: `train` is parsed by clipfromscratch.config (see clipfromscratch.cli)
     commands.add_parser("train", help="train a CLIP model (the default command; same as python train.py)")
@@ -67,16 +69,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    options = section_from(EvalOptions, vars(args))
-    model = load_eval_model(args.model, args.device)
-    result = run_task(args.task, Evaluation(model, options))
-    print(json.dumps(result.metrics, indent=2))
+    options, device = section_from(EvalOptions, vars(args)), parse_device(args.device)
+    check_tasks([args.task])
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump({"model": model.name, "task": args.task, "data": options.data, "label": options.label,
-                       **result.blocks, "metrics": result.metrics, "temperature_curve": result.temperature_curve},
-                      f, indent=2)
+        check_output_file(args.output, "--output")
+    model = load_eval_model(args.model, device)
+    result = run_task(args.task, Evaluation(model, options))
+    print(json.dumps(result.metrics, indent=2), flush=True)
+    if args.output:
+        write_text_atomic(args.output, json.dumps({
+            "model": model.name, "task": args.task, "data": options.data, "label": options.label, **result.blocks,
+            "metrics": result.metrics, "temperature_curve": result.temperature_curve}, indent=2))
         stem = os.path.splitext(args.output)[0]
         if result.confusion is not None:
             write_confusion_csv(stem + "_confusion.csv", result.classnames, result.confusion)
@@ -87,28 +90,32 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    compare(args.models, args.tasks, section_from(EvalOptions, vars(args)), args.output_dir, args.device)
+    compare(args.models, args.tasks, section_from(EvalOptions, vars(args)), args.output_dir,
+            parse_device(args.device))
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
 
 
 def run_search(args: argparse.Namespace) -> None:
-    options = section_from(EvalOptions, vars(args))
-    model = load_eval_model(args.model, args.device)
+    options, device = section_from(EvalOptions, vars(args)), parse_device(args.device)
+    check_search(args.query, args.k)
+    check_sheet(args.sheet)
+    model = load_eval_model(args.model, device)
     hits = search(model, args.folder, args.query, args.k, args.cache_dir, options.batch_size, options.num_workers)
+    print(json.dumps(hits, indent=2), flush=True)  # the ranking first: it is the answer, the sheet shows it
     contact_sheet(hits, args.query, args.sheet)
-    print(json.dumps(hits, indent=2))
 
 
 COMMANDS = {"eval": run_eval, "compare": run_compare, "search": run_search}
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    # sklearn's convergence advice and similar library chatter would bury the results
+    # sklearn's convergence advice, transformers' bars for reading a local file and similar library chatter would
+    # bury the results
     warnings.filterwarnings("ignore", module="sklearn")
+    transformers_logging.disable_progress_bar()
     try:
+        args = parser().parse_args(argv)
         COMMANDS[args.command](args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0

@@ -11,7 +11,7 @@ DATA, each item an image and caption options:
 - `aro:FILE.json`: VG-Relation / VG-Attribution records {image_path, bbox_x, bbox_y, bbox_w, bbox_h,
   true_caption, false_caption}; the image is cropped to the box, the category is the relation where one is named.
 Image paths are relative to --images (default: the annotation file's folder). Unreadable images, and records
-that lack a field, are skipped and counted.
+that lack a field, are skipped and counted (the first unreadable image named in the log).
 
 Every model is scored by the cosine of its pooled embeddings; one with a DCSM head, by the head too. A tie
 between the true option and others counts as the chance of picking it among them, so a model that cannot tell
@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from clipfromscratch.data.compositional import ProbeItem, probe_items
-from clipfromscratch.data.samples import UNREADABLE, open_rgb
+from clipfromscratch.data.samples import UNREADABLE, UNREADABLE_IMAGE, SkipCounts, open_rgb
 from clipfromscratch.dcsm import encode_captions, similarity_maps
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.models import EvalModel
@@ -52,11 +52,12 @@ class Scored:
     failures: list[tuple[ProbeItem, int]] = field(default_factory=list)  # (item, option it chose)
 
 
-def _open_image(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image | None:
+def _open_image(path: str, unreadable: SkipCounts, box: tuple[float, float, float, float] | None = None
+                ) -> Image.Image | None:
     try:
         rgb = open_rgb(path)
     except UNREADABLE as err:  # a missing file is an OSError too
-        log.warning("skipping unreadable image %s: %s", path, err)
+        unreadable.add(UNREADABLE_IMAGE, f"image {path}", err)
         return None
     if box is not None:
         x, y, w, h = box
@@ -72,34 +73,35 @@ def _read_json(path: str):
         raise UsageError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
 
 
-def _whatsup(path: str, root: str) -> tuple[list[ProbeItem], int]:
+def _whatsup(path: str, root: str, unreadable: SkipCounts) -> tuple[list[ProbeItem], int]:
     items, skipped = [], 0
     for record in _list_of_records(_read_json(path), path):
         options = record.get("caption_options")
-        if not record.get("image_path") or not isinstance(options, list) or len(options) < 2:
+        if not isinstance(record.get("image_path"), str) or not isinstance(options, list) or len(options) < 2:
             skipped += 1
             continue
-        items.append(ProbeItem(functools.partial(_open_image, os.path.join(root, record["image_path"])),
+        items.append(ProbeItem(functools.partial(_open_image, os.path.join(root, record["image_path"]), unreadable),
                                tuple(map(str, options)), "spatial"))
     return items, skipped
 
 
-def _sugarcrepe(path: str, root: str) -> tuple[list[ProbeItem], int]:
+def _sugarcrepe(path: str, root: str, unreadable: SkipCounts) -> tuple[list[ProbeItem], int]:
     records = _read_json(path)
     if not isinstance(records, dict):
         raise UsageError(f"{path}: a SugarCrepe file is a mapping of ids to records")
     category = os.path.splitext(os.path.basename(path))[0]
     items, skipped = [], 0
     for record in records.values():
-        if not isinstance(record, dict) or not all(record.get(k) for k in ("filename", "caption", "negative_caption")):
+        fields = ("filename", "caption", "negative_caption")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k] for k in fields):
             skipped += 1
             continue
-        items.append(ProbeItem(functools.partial(_open_image, os.path.join(root, record["filename"])),
+        items.append(ProbeItem(functools.partial(_open_image, os.path.join(root, record["filename"]), unreadable),
                                (record["caption"], record["negative_caption"]), category))
     return items, skipped
 
 
-def _negbench(path: str, root: str) -> tuple[list[ProbeItem], int]:
+def _negbench(path: str, root: str, unreadable: SkipCounts) -> tuple[list[ProbeItem], int]:
     items, skipped = [], 0
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -114,12 +116,12 @@ def _negbench(path: str, root: str) -> tuple[list[ProbeItem], int]:
             skipped += 1
             continue
         ordered = (options[index], *(o for k, o in enumerate(options) if k != index))
-        items.append(ProbeItem(functools.partial(_open_image, os.path.join(root, row["image_path"])), ordered,
-                               row.get("correct_answer_template") or "negbench"))
+        items.append(ProbeItem(functools.partial(_open_image, os.path.join(root, row["image_path"]), unreadable),
+                               ordered, row.get("correct_answer_template") or "negbench"))
     return items, skipped
 
 
-def _aro(path: str, root: str) -> tuple[list[ProbeItem], int]:
+def _aro(path: str, root: str, unreadable: SkipCounts) -> tuple[list[ProbeItem], int]:
     items, skipped = [], 0
     for record in _list_of_records(_read_json(path), path):
         try:
@@ -129,7 +131,7 @@ def _aro(path: str, root: str) -> tuple[list[ProbeItem], int]:
         except (KeyError, TypeError, ValueError):
             skipped += 1
             continue
-        items.append(ProbeItem(functools.partial(_open_image, image, box), options,
+        items.append(ProbeItem(functools.partial(_open_image, image, unreadable, box), options,
                                record.get("relation_name") or "attribution"))
     return items, skipped
 
@@ -140,7 +142,7 @@ def _list_of_records(records, path: str) -> list[dict]:
     return [r if isinstance(r, dict) else {} for r in records]
 
 
-READERS: dict[str, Callable[[str, str], tuple[list[ProbeItem], int]]] = {
+READERS: dict[str, Callable[[str, str, SkipCounts], tuple[list[ProbeItem], int]]] = {
     "whatsup": _whatsup, "sugarcrepe": _sugarcrepe, "negbench": _negbench, "aro": _aro}
 
 
@@ -156,7 +158,8 @@ def open_probes(spec: str, images: str | None = None, num_samples: int | None = 
                          f"{', '.join(f'{k}:FILE' for k in READERS)}")
     if not os.path.isfile(path):
         raise UsageError(f"annotation file not found: {path}")
-    items, skipped = READERS[kind](path, images or os.path.dirname(os.path.abspath(path)))
+    # one count of unreadable images for all the items: the log names the first, score_items sums them up
+    items, skipped = READERS[kind](path, images or os.path.dirname(os.path.abspath(path)), SkipCounts())
     if skipped:
         log.warning("%s: skipped %d records without the fields an item needs", path, skipped)
     if not items:
@@ -202,7 +205,7 @@ def score_items(model: EvalModel, items: list[ProbeItem], batch_size: int = 64) 
                     failures[name].append((item, int(scores.argmax())))
         readable += [item for item, _ in batch]
     if not readable:
-        raise UsageError("no readable images among the items")
+        raise UsageError(f"no readable images among the {len(items)} items (see the warnings above)")
     if len(readable) < len(items):
         log.warning("skipped %d items whose image could not be read", len(items) - len(readable))
     return {name: Scored(summarise(credits[name], readable), failures[name]) for name in scorings}

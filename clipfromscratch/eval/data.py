@@ -1,8 +1,9 @@
 """Evaluation datasets: labelled images for classification tasks, captioned images for retrieval.
 
-Every dataset yields (PIL image, target) or None for an unreadable image (shards leave skipped samples out); the
-model's own preprocessing is applied later (see embed.Preprocess), so one opened dataset serves every model of a
-comparison.
+Every dataset yields (PIL image, target), None for a sample left out (an unreadable image, a shard sample that
+samples.py skips), counted where the batches are made (embed.encode_images), or NO_CLASS for an image that is not
+part of a labelled task (a synthetic two-object scene); the model's own preprocessing is applied later (see
+embed.Preprocess), so one opened dataset serves every model of a comparison.
 
 DATA: `synthetic` (labels colour/shape, one caption per image), `imagefolder:DIR`, `cifar10:ROOT`,
 `cifar100:ROOT`, a caption table (`.tsv`/`.csv`, split as in training), or webdataset shards (a `.tar`, a
@@ -10,7 +11,9 @@ directory, a brace pattern), whose samples (captions, labels, what is skipped) a
 """
 from __future__ import annotations
 
+import logging
 import math
+import tarfile
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +33,25 @@ from clipfromscratch.data.samples import (
     sample_label,
     sample_meta,
 )
-from clipfromscratch.data.shards import resolve_shard_urls
+from clipfromscratch.data.shards import is_remote, resolve_shard_urls
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.tsv import CaptionTable, is_caption_table
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.templates import read_lines
 from clipfromscratch.eval.zeroshot import Template
 
+log = logging.getLogger(__name__)
 SYNTHETIC_SIDE = 64  # rendered once for every model, each resizes to its own input
 SYNTHETIC_SAMPLES = 1000
 CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+UNREADABLE_SHARD = "unreadable shard"
+
+
+class NoClass:
+    """The type of NO_CLASS."""
+
+
+NO_CLASS = NoClass()  # left out of a labelled task like None, but not counted as skipped: nothing is wrong with it
 
 
 @dataclass
@@ -62,19 +74,20 @@ class _Synthetic(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int | list[str]] | None:
+    def __getitem__(self, index: int) -> tuple[Image.Image, int | list[str]] | NoClass:
         sample = self.source[index]
         if self.target == "caption":
             return sample["pixels"], [sample["caption"]]
         label = sample["labels"][self.target]
-        return None if label < 0 else (sample["pixels"], label)
+        return NO_CLASS if label < 0 else (sample["pixels"], label)
 
 
 class _Shards(IterableDataset):
     """(image, target) from shards in order: the captions, or with `label` the class index of that label.
 
-    Samples left out by samples.py's rule are counted in `skipped` (by each loader worker in its own copy). With
-    loader workers each reads its share of the shards and stops at its share of `limit`, skipped samples included.
+    Samples left out by samples.py's rule give None and are counted in `skipped` (by each loader worker in its own
+    copy), as is a shard that fails part-way, whose stream then goes on with the next shard. With loader workers
+    each reads its share of the shards and stops at its share of `limit`, skipped samples included.
     """
 
     def __init__(self, urls: list[str], limit: int | None, label: str | None = None,
@@ -89,14 +102,48 @@ class _Shards(IterableDataset):
         urls = wds.split_by_worker(self.urls)
         worker = get_worker_info()
         limit = self.limit if self.limit is None or worker is None else math.ceil(self.limit / worker.num_workers)
-        for count, raw in enumerate(wds.tarfile_samples({"url": url} for url in urls)):
+        samples = wds.tarfile_samples(({"url": url} for url in urls), handler=self._unreadable_shard)
+        for count, raw in enumerate(samples):
             if limit is not None and count >= limit:
                 return
             read = read_sample(raw, self.skipped, self.label)
-            if read is not None:
-                sample, pixels = read
-                target = sample.captions if self.label is None else self.class_index[str(sample.label)]
-                yield to_pil_image(pixels), target
+            if read is None:
+                yield None
+                continue
+            sample, pixels = read
+            target = sample.captions if self.label is None else self.class_index[str(sample.label)]
+            yield to_pil_image(pixels), target
+
+    def _unreadable_shard(self, exn: Exception) -> bool:
+        """webdataset's error handler: count the shard, go on with the next (webdataset appends the url to args)."""
+        url = next((arg for arg in reversed(exn.args) if isinstance(arg, str)), "a shard")
+        reason = exn.args[0] if exn.args and isinstance(exn.args[0], str) else first_line(exn)
+        self.skipped.add(UNREADABLE_SHARD, f"the rest of {url}", f"{type(exn).__name__}: {reason}")
+        return True
+
+
+def readable_shards(spec: str) -> list[str]:
+    """The shards SPEC names, but for local files that do not open as tar archives (not a tar, empty): those are
+    left out with one warning, and when no shard opens, that is a one-line error with the counts. A shard damaged
+    further in is found while it is read (see _Shards)."""
+    urls = resolve_shard_urls(spec)
+    unreadable = {}
+    for url in urls:
+        if is_remote(url):
+            continue
+        try:
+            with tarfile.open(url, "r|*") as tar:  # as webdataset opens it: a stream, compressed or not
+                tar.next()
+        except (tarfile.TarError, OSError) as err:
+            unreadable[url] = first_line(err)
+    if unreadable:
+        url, reason = next(iter(unreadable.items()))
+        example = f"(e.g. {url}: {reason})"
+        if len(unreadable) == len(urls):
+            raise UsageError(f"no readable shards in {spec}: {len(urls)} of {len(urls)} do not open as tar files "
+                             f"{example}")
+        log.warning("skipping %d of %d shards that do not open as tar files %s", len(unreadable), len(urls), example)
+    return [url for url in urls if url not in unreadable]
 
 
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -121,7 +168,9 @@ def _imagefolder(root: str, classnames_file: str | None, limit: int | None, seed
         raise UsageError(f"imagefolder:{root}: {err}") from None
     names = (_read_classnames(classnames_file, len(folder.classes)) if classnames_file
              else [c.replace("_", " ") for c in folder.classes])
-    return LabelledImages(names, _subset(folder, limit, seed), None)
+    # read by ImageFiles, which counts an unreadable file where ImageFolder would stop at it
+    images = ImageFiles([path for path, _ in folder.samples], [target for _, target in folder.samples])
+    return LabelledImages(names, _subset(images, limit, seed), None)
 
 
 def _cifar(name: str, root: str, limit: int | None, seed: int, download: bool) -> LabelledImages:
@@ -135,9 +184,11 @@ def _cifar(name: str, root: str, limit: int | None, seed: int, download: bool) -
 
 
 def _shard_labels(spec: str, label: str, limit: int | None) -> LabelledImages:
-    urls = resolve_shard_urls(spec)
+    urls = readable_shards(spec)
     values = set()
-    for raw in wds.tarfile_samples(({"url": url} for url in urls), select_files=lambda n: n.endswith(".json")):
+    # a shard that fails part-way is counted when its images are read
+    for raw in wds.tarfile_samples(({"url": url} for url in urls), handler=wds.ignore_and_continue,
+                                   select_files=lambda n: n.endswith(".json")):
         try:
             value = sample_label(sample_meta(raw), label)
         except SkippedSample:  # malformed KEY.json: counted when the images are read
@@ -203,4 +254,4 @@ def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> 
         table = CaptionTable(spec, None)
         # the distinct images of the table, each with all of its captions
         return _subset(ImageFiles(table.image_paths, table.captions_per_image()), num_samples, seed)
-    return _Shards(resolve_shard_urls(spec), num_samples)
+    return _Shards(readable_shards(spec), num_samples)

@@ -5,6 +5,7 @@ A model SPEC is an export directory or a Lightning `.ckpt` of ours, `openai:<hub
 """
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,8 +17,16 @@ from PIL import Image
 from transformers import BatchEncoding, CLIPModel, CLIPProcessor
 
 from clipfromscratch.dcsm import DenseScorer
-from clipfromscratch.errors import UsageError
-from clipfromscratch.export import HEAD_CONFIG, load_head_beside, load_model, model_from_checkpoint, read_checkpoint
+from clipfromscratch.errors import UsageError, error_summary, first_line
+from clipfromscratch.export import (
+    HEAD_CONFIG,
+    check_safetensors,
+    load_head_beside,
+    load_model,
+    load_state_dict,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from clipfromscratch.model import CLIP
 from clipfromscratch.text_tokenizers import tokenize
 
@@ -67,7 +76,10 @@ def load_checkpoint(path: str, device: torch.device) -> CLIP:
         model = model_from_checkpoint(checkpoint)
     except UsageError as err:
         raise UsageError(f"{err}: {path}") from None
-    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()})
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise UsageError(f"no weights (state_dict) in checkpoint {path}")
+    load_state_dict(model, {k.removeprefix("model."): v for k, v in state_dict.items()}, path)
     return model.to(device).eval()
 
 
@@ -87,12 +99,15 @@ def load_ours(path: str, device: torch.device) -> EvalModel:
 
 def load_openai(source: str, device: torch.device) -> EvalModel:
     """OpenAI CLIP (or any CLIPModel) through transformers, with the processor saved beside it."""
+    for weights in glob.glob(os.path.join(glob.escape(source), "*.safetensors")):
+        check_safetensors(weights)  # a damaged file named here, not in transformers' words
     try:
         model = CLIPModel.from_pretrained(source).to(device).eval()
         processor = CLIPProcessor.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load openai:{source} (offline, or no CLIP model there?): "
-                         f"{str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot load openai:{source} (offline, or no CLIP model there?): {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged folder fails in whichever library reads the file
+        raise UsageError(f"cannot load openai:{source}: {error_summary(err)}") from None
     tokenizer, context_length = processor.tokenizer, model.config.text_config.max_position_embeddings
 
     # the towers' pooled outputs through the projections: the same on transformers v4 and v5
@@ -146,15 +161,32 @@ def load_openclip(spec: str, device: torch.device) -> EvalModel:
 ADAPTERS: dict[str, Callable[[str, torch.device], EvalModel]] = {"openai": load_openai, "openclip": load_openclip}
 
 
+def parse_device(name: str | torch.device) -> torch.device:
+    """--device as a torch.device that exists here, else a one-line UsageError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: {first_line(err)}") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise UsageError(f"--device {name}: there is no {device.type} device here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def load_eval_model(spec: str, device: str | torch.device = "cpu") -> EvalModel:
     """The model a SPEC names, in eval mode on `device`; a folder `train-dcsm` wrote for an `openai:` model
     loads that model with its head."""
     family, colon, rest = spec.partition(":")
-    device = torch.device(device)
+    device = parse_device(device)
     if colon and family in ADAPTERS:
         return ADAPTERS[family](rest, device)
     if os.path.isfile(os.path.join(spec, HEAD_CONFIG)):
         family, base, head = load_head_beside(spec, device)
+        if family not in ADAPTERS:
+            raise UsageError(f"{os.path.join(spec, HEAD_CONFIG)}: unknown model family '{family}' (known: "
+                             f"{', '.join(ADAPTERS)})")
         return replace(ADAPTERS[family](base, device), name=spec, dense_scorer=head)
     return load_ours(spec, device)
 

@@ -39,8 +39,8 @@ def confusion_matrices(path: str, matrices: dict[str, tuple[list[str], np.ndarra
 
 
 def metric_bars(path: str, title: str, results: dict[str, dict[str, float]]) -> None:
-    """{model: {metric: value}} as grouped bars, one group per metric."""
-    metrics = list(next(iter(results.values())))
+    """{model: {metric: value}} as grouped bars, one group per metric that any model has (no bar where one lacks it)."""
+    metrics = list(dict.fromkeys(metric for values in results.values() for metric in values))
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(metrics) * max(1, len(results) / 2)), 4))
     for i, (model, values) in enumerate(results.items()):

@@ -4,7 +4,8 @@ An Evaluation encodes each split once, so running several tasks on one model cos
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from clipfromscratch.config import opt
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.class_agnostic import (
     TEMPERATURES,
     max_entropy,
@@ -126,6 +127,16 @@ def zeroshot(ev: Evaluation) -> TaskResult:
     return TaskResult(metrics, data.classnames, confusion)
 
 
+@contextmanager
+def probe_data_check() -> Iterator[None]:
+    """sklearn refuses to split or fit too few images, or a single class, with a ValueError: one line saying so."""
+    try:
+        yield
+    except ValueError as err:
+        raise UsageError(f"too few images or classes to fit a probe: {first_line(err)}") from None
+
+
+@probe_data_check()
 def linear_probe(ev: Evaluation) -> TaskResult:
     train_x, test_x, train_y, test_y = ev.probe_splits(lambda features: features)
     metrics = logistic_regression_probe(train_x, train_y, test_x, test_y, ev.options.seed)
@@ -133,6 +144,7 @@ def linear_probe(ev: Evaluation) -> TaskResult:
     return TaskResult(metrics)
 
 
+@probe_data_check()
 def class_agnostic(ev: Evaluation) -> TaskResult:
     prompts = ev.prompt_features
     train_x, test_x, train_y, test_y = ev.probe_splits(lambda features: prompt_logits(features, prompts))

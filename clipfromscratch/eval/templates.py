@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.zeroshot import Template
 
 SIMPLE = ("a photo of a {c}.",)
@@ -62,8 +62,11 @@ def read_lines(path: str, what: str) -> list[str]:
     """The non-blank lines of a user's text file (templates, prompts, class names), stripped."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {what} file {path}: {first_line(err)}") from None
     if not lines:
         raise UsageError(f"{what} file is empty: {path}")
     return lines

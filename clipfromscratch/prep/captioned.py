@@ -20,7 +20,10 @@ def table_splits(path: str, split: str, img_key: str, caption_key: str, separato
     items = [writer.Item(f"{image_id:09d}", image, tuple(captions[image_id]),
                        {"file_name": os.path.relpath(image, folder)})
              for image_id, image in enumerate(table.image_paths)]
-    return {split: items}, {"rows": len(table.rows), "malformed rows": table.skipped_rows}
+    counts = {"rows": len(table.rows), "malformed rows": table.skipped_rows}
+    if table.missing_images:  # left out when the table was read, so the shards' own counts never see them
+        counts["rows whose image is missing"] = table.missing_images
+    return {split: items}, counts
 
 
 def main(argv: list[str] | None = None) -> int:

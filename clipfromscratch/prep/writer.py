@@ -7,7 +7,7 @@ labels) and KEY.txt (the first caption). A shard is written under a temporary na
 complete, so an existing `NNNNNN.tar` is always whole and a re-run skips it.
 
 Output: OUTPUT/<split>/NNNNNN.tar, NNNNNN_stats.json (that shard's counts, as img2dataset writes them)
-and stats.json (the split's totals).
+and stats.json (the split's totals). OUTPUT is checked, by writing to it, before the source is read.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipfromscratch.data.samples import UNREADABLE
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import CommandLineParser, UsageError, report
+from clipfromscratch.outputs import check_output_dir
 
 JPEG_QUALITY = 90
 WHITE = (255, 255, 255)
@@ -157,6 +157,7 @@ def prepare_split(split: str, items: list[Item], out_dir: str, *, shard_size: in
              for n, start in enumerate(range(0, len(items), shard_size))]
     done = {task.path: _read_stats(task.path, settings) for task in tasks
             if os.path.isfile(task.path) and os.path.isfile(_stats_path(task.path))}
+    done = {path: stats for path, stats in done.items() if stats is not None}
     todo = [task for task in tasks if task.path not in done]
     pool = ProcessPoolExecutor(min(workers, max(1, len(todo))))
     try:
@@ -178,9 +179,15 @@ def prepare_split(split: str, items: list[Item], out_dir: str, *, shard_size: in
     return SplitReport(split, stats, len(todo), sum(len(t.items) for t in todo))
 
 
-def _read_stats(shard: str, settings: dict) -> dict:
-    with open(_stats_path(shard), encoding="utf-8") as f:
-        stats = json.load(f)
+def _read_stats(shard: str, settings: dict) -> dict | None:
+    """A finished shard's counts; None when they cannot be read, and the shard is written again."""
+    try:
+        with open(_stats_path(shard), encoding="utf-8") as f:
+            stats = json.load(f)
+    except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError
+        return None
+    if not isinstance(stats, dict):
+        return None
     if stats.get("settings") != settings:
         raise UsageError(f"{os.path.dirname(shard)} holds shards made with other settings ({stats.get('settings')}, "
                          f"now {settings}): write to another --output or delete it")
@@ -206,7 +213,7 @@ def summary(output: str, reports: list[SplitReport], workers: int, seconds: floa
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
     """A data_prep command line with the options every script shares."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = CommandLineParser(description=description)
     parser.add_argument("--output", required=True, help="folder for <split>/NNNNNN.tar and <split>/stats.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: one per CPU)")
     parser.add_argument("--max-size", type=int, default=384, help="longest image side in pixels (default: 384)")
@@ -219,20 +226,21 @@ Splits = dict[str, list[Item]]
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None,
         read: Callable[[argparse.Namespace], tuple[Splits, dict]]) -> int:
-    """Parse the command line, read the source into splits, write their shards, print the summary; exit code."""
-    args = parser.parse_args(argv)
+    """Parse the command line, check the output folder, read the source into splits, write their shards, print the
+    summary; exit code."""
     try:
+        args = parser.parse_args(argv)
         for name in ("workers", "max_size", "shard_size"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        check_output_dir(args.output, "--output")
         started = time.perf_counter()
         splits, source = read(args)
         reports = [prepare_split(split, items, os.path.join(args.output, split), shard_size=args.shard_size,
                                  max_size=args.max_size, workers=args.workers, source=source)
                    for split, items in splits.items()]
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     print(summary(args.output, reports, args.workers, time.perf_counter() - started))
     return 0
 
