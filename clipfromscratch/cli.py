@@ -100,9 +100,8 @@ def _report(trainer: pl.Trainer, module: CLIPModule, data: CaptionDataModule, co
               f"training throughput: {samples_per_s:.0f} samples/s (validation included)")
         for name, value in metrics.items():
             print(f"  {name:32s} {value:.4f}")
-        if module.skipped_nonfinite:
-            steps = "step" if module.skipped_nonfinite == 1 else "steps"
-            print(f"skipped {module.skipped_nonfinite} {steps} with a non-finite loss (--skip-nonfinite)")
+        if skipped := module.skipped_nonfinite:
+            print(f"skipped {skipped} {'step' if skipped == 1 else 'steps'} with a non-finite loss (--skip-nonfinite)")
     return metrics
 
 
@@ -152,7 +151,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         data.check_training_data(trainer.world_size)
         model = _model(config, data, trainer, checkpoint, output_dir)
         data.bind(model)
-        module = CLIPModule(model, optim, data.zeroshot_tasks)
+        module = CLIPModule(model, optim, data.zeroshot_tasks, data.batch_size)
         if trainer.is_global_zero:
             save_config(config, os.path.join(output_dir, "config.yaml"))
             _warn_short_warmup(config)

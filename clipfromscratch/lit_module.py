@@ -33,16 +33,22 @@ class CLIPModule(pl.LightningModule):
 
     `optim` is the run's optimisation section (learning rate, schedule, accumulation, NaN policy);
     `zeroshot_tasks` ({task: (class names, templates)}) are scored at each validation on the labels the
-    validation batches carry.
+    validation batches carry; `batch_rows`, the most samples a rank's training batch holds (the loss gathers
+    every rank's at that size, known in advance).
     """
 
-    def __init__(self, model: CLIP, optim: OptimConfig, zeroshot_tasks: dict | None = None):
+    def __init__(self, model: CLIP, optim: OptimConfig, zeroshot_tasks: dict | None = None,
+                 batch_rows: int | None = None):
         super().__init__()
         self.model = model
         self.optim = optim
-        self.skipped_nonfinite = 0
+        self.batch_rows = batch_rows
         self.zeroshot_tasks = zeroshot_tasks or {}
         self._val_outputs: list[dict] = []
+        # the non-finite policy's record, kept on the device and read by the host every few steps only:
+        # (steps whose gradient was NaN or inf, the first such step, -1 if none)
+        self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._nonfinite_seen = 0
 
     def on_fit_start(self) -> None:
         # a token id must mean the same word piece on every rank: the embedding table is one shared parameter
@@ -76,17 +82,11 @@ class CLIPModule(pl.LightningModule):
         image_features, text_features = self.embed(batch)
         scale, bias = self.model.logit_scale(), self.model.logit_bias
         if bias is None:
-            loss = clip_loss(image_features, text_features, scale)
+            loss = clip_loss(image_features, text_features, scale, self.batch_rows)
         else:
-            loss = siglip_loss(image_features, text_features, scale, bias)
+            loss = siglip_loss(image_features, text_features, scale, bias, self.batch_rows)
             self.log("train/logit_bias", bias)
-        # every rank must take the same decision, or DDP waits forever for the rank that skipped
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            if not self.optim.skip_nonfinite:
-                raise FloatingPointError(f"non-finite loss at step {self.global_step}")
-            self.skipped_nonfinite += 1
-            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
-            return None
+        # logged as tensors: Lightning reads them on the host only every --log-every-n-steps
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale)
         self.log("train/temperature", 1 / scale)
@@ -94,6 +94,44 @@ class CLIPModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.clamp_logit_scale_()
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._check_nonfinite()
+
+    def on_train_end(self) -> None:
+        self._check_nonfinite()
+
+    def _watch_nonfinite(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+        """Skip the update of a step whose gradient is NaN or inf, on the device: the fused AdamW leaves weights
+        and moments as they were when its `found_inf` is 1 (the GradScaler's mechanism; under fp16 the scaler
+        does it itself). The decision reads the gradient after DDP's reduction, which every rank holds alike, so
+        every rank skips the same steps with no collective of its own; and no host sync: the record stays on the
+        device until `_check_nonfinite`."""
+        nonfinite = ~torch.isfinite(grad_norm)
+        if self._nonfinite is None:
+            self._nonfinite = (torch.zeros((), dtype=torch.long, device=grad_norm.device),
+                               torch.full((), -1, dtype=torch.long, device=grad_norm.device))
+        count, first = self._nonfinite
+        count += nonfinite
+        first.copy_(torch.where(nonfinite & (first < 0), self.global_step, first))
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            optimizer.found_inf = nonfinite.float()
+
+    @property
+    def skipped_nonfinite(self) -> int:
+        """Steps whose update was skipped for a NaN or inf gradient (one host sync)."""
+        return 0 if self._nonfinite is None else int(self._nonfinite[0])
+
+    def _check_nonfinite(self) -> None:
+        """The policy, on the host, every --log-every-n-steps and at the end of training: stop the run at the first
+        non-finite step since the last check (its update was skipped, so the weights are clean), or, with
+        --skip-nonfinite, go on (the run's report says how many were skipped). Every rank reaches the same verdict
+        at the same step."""
+        skipped = self.skipped_nonfinite
+        if skipped == self._nonfinite_seen:
+            return
+        if not self.optim.skip_nonfinite:
+            raise FloatingPointError(f"non-finite loss at step {int(self._nonfinite[1])}")
+        self._nonfinite_seen = skipped
 
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
         if batch is None:
@@ -183,19 +221,22 @@ class CLIPModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip the norm of the true gradient, under every precision, with the fused AdamW.
+        """Clip the norm of the true gradient, under every precision, with the fused AdamW; and, with or without
+        clipping, skip a step whose gradient is not finite (`_watch_nonfinite`). Lightning calls this after every
+        backward pass.
 
         Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales fp16 gradients inside
         its own step, as the fused AdamW does. Unscaling them here first is what the GradScaler allows: the
         step then finds them unscaled and leaves them. bf16 and fp32 have no scaler and nothing to undo.
         """
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not gradient_clip_val:
+            self._watch_nonfinite(optimizer, torch.nn.utils.get_total_norm([p.grad for p in params]))
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self._watch_nonfinite(optimizer, torch.nn.utils.clip_grad_norm_(params, gradient_clip_val))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint.update(checkpoint_entries(self.model))

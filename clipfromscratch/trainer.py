@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
@@ -87,8 +87,9 @@ def callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
         ModelCheckpoint(dirpath=output_dir, every_n_train_steps=run.checkpoint_every_n_steps, save_top_k=0,
                         save_last=True),
         CheckpointOnSigterm(os.path.join(output_dir, LAST_CKPT)),
+        # no ThroughputMonitor: it synchronises the GPU at every step; samples/s are in the progress lines and
+        # the run's report
         LearningRateMonitor(logging_interval="step"),
-        ThroughputMonitor(batch_size_fn=lambda batch: batch["pixels"].size(0)),
     ]
     if data.validation_data:
         chosen.append(ModelCheckpoint(dirpath=output_dir, filename="best-{step}", monitor=MONITOR, mode="max"))
@@ -104,7 +105,8 @@ def callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
     if not to_terminal():
         chosen.append(ProgressLines(run.progress_every_n_steps))
     elif _RICH_AVAILABLE:
-        chosen.append(StepProgressBar())
+        # the bar reads the logged loss from the device when it redraws: as often as it is logged, not every step
+        chosen.append(StepProgressBar(refresh_rate=run.log_every_n_steps))
     return chosen
 
 

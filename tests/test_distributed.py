@@ -43,15 +43,15 @@ class Towers(nn.Module):
         return self.model.encode_image(pixels), self.model.encode_tokens(input_ids, attention_mask)
 
 
-def _loss_and_grads(towers: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`towers` is a Towers, or a DDP wrapping one."""
+def _loss_and_grads(towers: nn.Module, batch: dict, rows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """`towers` is a Towers, or a DDP wrapping one; `rows`, the largest batch of any rank."""
     model = towers.module.model if isinstance(towers, DistributedDataParallel) else towers.model
     model.zero_grad()
     images, texts = towers(batch["pixels"], batch["input_ids"], batch["attention_mask"])
     if model.logit_bias is None:
-        loss = clip_loss(images, texts, model.logit_scale())
+        loss = clip_loss(images, texts, model.logit_scale(), rows)
     else:
-        loss = siglip_loss(images, texts, model.logit_scale(), model.logit_bias)
+        loss = siglip_loss(images, texts, model.logit_scale(), model.logit_bias, rows)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -62,7 +62,7 @@ def _rank(rank: int, workdir: str, sizes: list[int]) -> None:
     batch = torch.load(f"{workdir}/batch.pt")
     start = sum(sizes[:rank])
     local = {k: v[start:start + sizes[rank]] for k, v in batch.items()}
-    loss, grads = _loss_and_grads(towers, local)
+    loss, grads = _loss_and_grads(towers, local, max(sizes))
     dist.all_reduce(loss)  # DDP averages gradients, so the global loss is the mean of the ranks' values
     torch.save({"loss": loss / len(sizes), "grads": grads}, f"{workdir}/rank{rank}.pt")
     dist.destroy_process_group()

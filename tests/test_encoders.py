@@ -46,6 +46,21 @@ def test_text_embedding_does_not_depend_on_padding(text_enc, tokenizers):
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("text_enc, shape", [("bert", (2, 1, 1, 9)), ("gpt2", (2, 1, 9, 9))])
+def test_the_tower_builds_the_attention_mask_transformers_would(text_enc, shape, tokenizers):
+    """The 4D mask made in the tower (so that transformers never reads the mask back from the device) gives every
+    real token the state that transformers' own mask gives it."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_encoder="resnet", text_encoder=text_enc, image_size=32), tokenizers[text_enc])
+    model.eval()
+    batch = model.tokenizer(["a red circle", "one large yellow star on the left"], padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask.shape == (2, 9) and not mask.all() and model.text_tower.attend(mask).shape == shape
+    real = mask.bool()
+    torch.testing.assert_close(model.text_tower.forward_tokens(ids, mask)[real],
+                               model.text_tower.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[real])
+
+
 def test_gpt2_pools_the_last_real_token(tokenizers):
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_encoder="resnet", text_encoder="gpt2", image_size=32), tokenizers["gpt2"])

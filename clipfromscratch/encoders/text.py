@@ -25,7 +25,8 @@ class TextFamily:
     model_type: str  # transformers config type for from-scratch builds
     presets: dict[str, dict]  # size -> config fields over the model type's defaults
     pooling: str
-    tokenizer_kind: str  # what `tokenizers.train_tokenizer` trains when not pretrained
+    tokenizer_kind: str  # what `text_tokenizers.make_tokenizer` trains when not pretrained
+    attention: str  # "bidirectional" or "causal": the mask the tower builds for SDPA itself (TextTower.attend)
     model_kwargs: dict = field(default_factory=dict)
 
 
@@ -44,6 +45,7 @@ TEXT_ENCODERS.register("bert", TextFamily(
     },
     pooling="cls",
     tokenizer_kind="wordpiece",
+    attention="bidirectional",
     # we pool [CLS] ourselves: an unused pooler makes DDP abort on parameters without gradients
     model_kwargs=dict(add_pooling_layer=False),
 ))
@@ -59,6 +61,7 @@ TEXT_ENCODERS.register("gpt2", TextFamily(
     # causal attention: only the last real token has seen the whole caption
     pooling="last",
     tokenizer_kind="bpe",
+    attention="causal",
 ))
 
 
@@ -74,14 +77,18 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 class TextTower(nn.Module):
-    """A transformers backbone plus a pooling rule: (B, L) ids, mask -> (B, num_features)."""
+    """A transformers backbone plus a pooling rule: (B, L) ids, mask -> (B, num_features).
 
-    def __init__(self, backbone: nn.Module, pooling: str):
+    `attention` ("bidirectional", "causal", None for a model of no registered family) is the backbone's kind of
+    attention, for which the tower builds the 4D mask itself (`attend`)."""
+
+    def __init__(self, backbone: nn.Module, pooling: str, attention: str | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise UsageError(f"unknown text pooling '{pooling}': choose one of {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.pooling = pooling
+        self.attention = attention
         self.num_features: int = backbone.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -89,7 +96,20 @@ class TextTower(nn.Module):
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, mask -> (B, L, num_features): the state of every position (padding's too)."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.backbone(input_ids=input_ids, attention_mask=self.attend(attention_mask)).last_hidden_state
+
+    def attend(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mask handed to the backbone: for SDPA attention of a known kind, the 4D boolean mask (True: attend)
+        built here, (B, 1, 1, L) or causal (B, 1, L, L); else the (B, L) mask as it is. From a (B, L) mask,
+        transformers reads the mask back to the host at every forward pass to see whether it has padding (a sync
+        that stalls a GPU every step); a 4D mask it takes as it is."""
+        if self.attention is None or getattr(self.backbone.config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        keys = attention_mask.bool()[:, None, None, :]
+        if self.attention == "bidirectional":
+            return keys
+        length = attention_mask.size(1)
+        return torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril() & keys
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """The tower's parameters by layer, from the input up: the embeddings, then each transformer layer (the
@@ -166,4 +186,4 @@ def build_text_tower(name: str, pooling: str | None, pretrained: bool, config: P
             backbone = AutoModel.from_config(config, **model_kwargs)
         except (ValueError, TypeError, RuntimeError) as err:
             raise UsageError(f"text tower {name} cannot be built from its config: {str(err).splitlines()[0]}") from None
-    return TextTower(backbone, pooling)
+    return TextTower(backbone, pooling, family.attention if family is not None else None)
