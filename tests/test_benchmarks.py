@@ -44,3 +44,15 @@ def test_dcsm_scoring_benchmark_reports_both_scorings(monkeypatch, capfd):
     assert all(rate > 0 for rate in result["pairs_per_s"].values())
     # a dense image keeps one vector per token: the pooled one and the patches
     assert result["bytes_per_image"]["dcsm"] == result["image_tokens"] * result["bytes_per_image"]["cosine"]
+
+
+@pytest.mark.slow  # 20-35 s on 2 shared cores: two models, two loaders, a tokenizer trained on the shards
+def test_train_end_to_end_trains_both_sides_from_the_same_shards(monkeypatch, capfd):
+    result = _run("train_end_to_end.py", ["--smoke"], monkeypatch, capfd)
+    assert {"end_to_end_ratio", "samples_per_s", "openclip_samples_per_s", "padded_text_length",
+            "openclip_padded_text_length", "loader_wait_share", "openclip_loader_wait_share", "batch_size", "workers",
+            "steps", "rounds", "caption_words_mean", "context_length"} <= set(result)
+    assert result["samples_per_s"] > 0 and result["openclip_samples_per_s"] > 0
+    assert 0 <= result["loader_wait_share"] < 1 and 0 <= result["openclip_loader_wait_share"] < 1
+    # ours pads each batch to its longest caption, open_clip every caption to the context
+    assert result["padded_text_length"] < result["openclip_padded_text_length"] == result["context_length"]
