@@ -66,18 +66,17 @@ import pytorch_lightning as pl
 import torch
 import webdataset as wds
 from open_clip_train.data import DataInfo, get_data
-from open_clip_train.scheduler import cosine_lr
 from open_clip_train.train import train_one_epoch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 from train_throughput import (
-    DEFAULTS,
     PAIR_VOCAB,
     PAIRS,
     Pair,
     StepClock,
     clip_module,
     millions,
+    openclip_optimizer,
     quiet_lightning,
     stdout_to_stderr,
 )
@@ -239,19 +238,6 @@ def openclip_args(model_name: str, shards: str, batch_size: int, workers: int, s
         accum_freq=1, distill=False, siglip=False, local_loss=False, gather_with_grad=False, horovod=False,
         grad_clip_norm=None, skip_scheduler=False, log_every_n_steps=100, wandb=False, rank=0, local_rank=0,
         world_size=1, distributed=False)
-
-
-def openclip_optimizer(model: open_clip.CLIP, steps: int) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
-    """open_clip_train's AdamW parameter groups (no decay on gains, biases and the logit scale) with ours' fused
-    AdamW and LR, as train_throughput.py's openclip step has them, and open_clip_train's cosine schedule."""
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = list(model.named_parameters())
-    optim = DEFAULTS.optim
-    optimizer = torch.optim.AdamW([
-        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": optim.weight_decay},
-    ], lr=optim.lr, fused=True)
-    return optimizer, cosine_lr(optimizer, optim.lr, optim.warmup_steps, steps)
 
 
 def fix_openclip_shard_ends() -> None:

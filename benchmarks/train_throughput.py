@@ -225,17 +225,22 @@ def openclip_model(vocab_size: int, pair: Pair = PAIRS["small"]) -> open_clip.CL
     return open_clip.CLIP(embed_dim=pair.embed_dim, vision_cfg=vision, text_cfg=text, output_dict=True)
 
 
-def openclip_step(model: open_clip.CLIP, precision: str = "32-true") -> Callable[[dict], None]:
-    """open_clip_train's step without gradient clipping (its default), with our fused AdamW."""
-    # open_clip_train's parameter groups: no decay on gains, biases and the logit scale
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+def openclip_optimizer(model: open_clip.CLIP, steps: int) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """open_clip_train's AdamW parameter groups (no decay on gains, biases and the logit scale) with ours' fused
+    AdamW and LR, and open_clip_train's cosine schedule over `steps`."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
     optim = DEFAULTS.optim
     optimizer = torch.optim.AdamW([
         {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": optim.weight_decay},
     ], lr=optim.lr, fused=True)
-    scheduler = cosine_lr(optimizer, optim.lr, optim.warmup_steps, DEFAULTS.run.max_steps)
+    return optimizer, cosine_lr(optimizer, optim.lr, optim.warmup_steps, steps)
+
+
+def openclip_step(model: open_clip.CLIP, precision: str = "32-true") -> Callable[[dict], None]:
+    """open_clip_train's step without gradient clipping (its default), with our fused AdamW."""
+    optimizer, scheduler = openclip_optimizer(model, DEFAULTS.run.max_steps)
     loss = open_clip.ClipLoss()
     model.train()
     counter = itertools.count()
