@@ -199,13 +199,14 @@ class CaptionShards(torch.utils.data.IterableDataset):
                 break
         return found, skipped, len(unreadable)
 
-    def _raw_samples(self, urls: Iterable[str], unreadable: Callable[[str, Exception], bool] | None = None
-                     ) -> Iterator[dict]:
-        """The samples of `urls` in order, as webdataset reads them; an unreadable shard is skipped, by default
-        logged once."""
+    def _raw_samples(self, urls: Iterable[str], unreadable: Callable[[str, Exception], bool] | None = None,
+                     select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
+        """The samples of `urls` in order, as webdataset reads them (only the members `select_files` keeps); an
+        unreadable shard is skipped, by default logged once."""
         unreadable = unreadable or self._unreadable
         for url in urls:
-            for raw in wds.tarfile_samples([{"url": url}], handler=lambda exn, url=url: unreadable(url, exn)):
+            for raw in wds.tarfile_samples([{"url": url}], handler=lambda exn, url=url: unreadable(url, exn),
+                                           select_files=select_files):
                 self._raw_read += 1
                 yield raw
 
@@ -232,10 +233,7 @@ class CaptionShards(torch.utils.data.IterableDataset):
         """Every caption in shard order, streamed; only the .txt and .json members are read (so a sample without
         an image, or with one that cannot be decoded, still gives its captions)."""
         suffixes = tuple(f".{ext}" for ext in TEXT_EXTENSIONS)
-        raws = (raw for url in self.urls for raw in wds.tarfile_samples(
-            [{"url": url}], handler=lambda exn, url=url: self._unreadable(url, exn),
-            select_files=lambda name: name.endswith(suffixes)))
-        for raw in raws:
+        for raw in self._raw_samples(self.urls, select_files=lambda name: name.endswith(suffixes)):
             try:
                 captions = sample_captions(raw)
             except SkippedSample:  # malformed KEY.json: the training stream skips this sample too
