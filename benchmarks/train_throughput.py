@@ -56,7 +56,6 @@ from clipfromscratch.data.datamodule import Collate
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.encoders.text import text_config
 from clipfromscratch.lit_module import CLIPModule
-from clipfromscratch.loss import clip_loss, siglip_loss
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
 from clipfromscratch.text_tokenizers import make_tokenizer
 
@@ -275,9 +274,7 @@ def demo_setup(batch_count: int) -> tuple[CLIPModule, list[dict], float | None]:
 
 def our_loss(module: CLIPModule, batch: dict) -> torch.Tensor:
     model = module.model
-    if model.logit_bias is None:
-        return clip_loss(*module.embed(batch), model.logit_scale())
-    return siglip_loss(*module.embed(batch), model.logit_scale(), model.logit_bias)
+    return module.objective.loss(*module.embed(batch), model.logit_scale(), model.logit_bias, None)
 
 
 def step_gflop(model: nn.Module, loss_of: Callable[[dict], torch.Tensor], batch: dict) -> float:

@@ -20,12 +20,14 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from transformers.utils import logging as transformers_logging
 
 from clipfromscratch import run_folder
 from clipfromscratch.config import TrainConfig, load_config, save_config
 from clipfromscratch.data.datamodule import CaptionDataModule
 from clipfromscratch.errors import UsageError, first_line, report
 from clipfromscratch.export import export_model, model_from_checkpoint, read_checkpoint
+from clipfromscratch.formats.published import architecture, published_model
 from clipfromscratch.lit_module import MONITOR, CLIPModule
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
 from clipfromscratch.outputs import write_text_atomic
@@ -35,7 +37,7 @@ from clipfromscratch.trainer import build_trainer, resolve_precision
 
 RUN_TOKENIZER = "tokenizer"  # the run folder's tokenizer, written by rank 0 and read by every rank
 SIGTERM_EXIT = 143  # 128 + SIGTERM: the run did not finish, schedulers and torchrun should not take it for done
-EVAL_COMMANDS = ("eval", "compare", "search")
+EVAL_COMMANDS = ("eval", "compare", "search", "export")
 
 
 def compile_towers(model: CLIP) -> None:
@@ -53,9 +55,12 @@ def compile_towers(model: CLIP) -> None:
 
 def _model(config: TrainConfig, data: CaptionDataModule, trainer: pl.Trainer, checkpoint: dict | None,
            output_dir: str) -> CLIP:
-    """The resumed architecture, or a new model whose tokenizer rank 0 makes once for every rank."""
+    """The resumed architecture, the published model of --init, or a new model whose tokenizer rank 0 makes once
+    for every rank."""
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint)
+    elif config.model.init:
+        model = published_model(config.model)
     else:
         m = config.model
         tokenizer = shared_tokenizer(
@@ -136,6 +141,8 @@ def train(config: TrainConfig) -> dict[str, float]:
     output_dir, ckpt_path, stamped = run_folder.plan(config.run.output_dir, config.run.run_name, config.run.resume,
                                                      f"{config.model.image_encoder}-{config.model.text_encoder}")
     checkpoint = None if ckpt_path is None else read_checkpoint(ckpt_path)
+    if config.model.init:
+        config = replace(config, model=architecture(config.model))
     config = replace(config, model=resolve_image_size(config.model),
                      run=replace(config.run, output_dir=output_dir,
                                  precision=resolve_precision(config.run.precision, config.run.accelerator)))
@@ -188,8 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     # advice that does not apply here: few workers on small CPUs, FLOP counting, a Lightning-internal deprecation
-    for noise in (".*does not have many workers.*", ".*flops_per_batch.*", ".*LeafSpec.*"):
+    for noise in (".*does not have many workers.*", ".*flops_per_batch.*", ".*LeafSpec.*",
+                  # the run folder holds our own files (config, tokenizer, lock) before its first checkpoint, and
+                  # one holding checkpoints is refused unless resumed (run_folder.plan)
+                  "Checkpoint directory .* exists and is not empty",
+                  # validation metrics come from every rank's gathered features: each rank logs the same global
+                  # value, and the duplicates a DistributedSampler pads with are dropped by index (exactly once)
+                  ".*sync_dist=True.*", ".*Using `DistributedSampler` with the dataloaders.*",
+                  # streamed shards give every rank and worker an exact share (data/shards.py): the length holds
+                  ".*`IterableDataset` has `__len__` defined.*"):
         warnings.filterwarnings("ignore", noise)
+    transformers_logging.disable_progress_bar()  # bars for reading published weights from disk (--init)
     try:
         train(load_config(argv))
     except UsageError as err:

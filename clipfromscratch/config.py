@@ -17,19 +17,20 @@ import math
 import os
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 import yaml
 
-from clipfromscratch.errors import CommandLineParser, UsageError
+from clipfromscratch.errors import CommandLineParser, UsageError, first_line
+from clipfromscratch.objectives import OBJECTIVES
 
 SHORT_FLAGS = {"image_encoder": "--image-enc", "text_encoder": "--text-enc"}
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 TENSORBOARD_MODULES = ("tensorboard", "tensorboardX")  # what Lightning's TensorBoardLogger writes with
 
 
-def opt(default, help: str, choices: tuple | None = None, at_least: float | None = None,
+def opt(default, help: str, choices: Collection[str] | None = None, at_least: float | None = None,
         above: float | None = None, below: float | None = None, at_most: float | None = None):
     """A config field with its --help line, and the values it accepts: `choices`, or a range whose bounds are
     inclusive (`at_least`, `at_most`) or exclusive (`above`, `below`)."""
@@ -56,8 +57,10 @@ def parse_devices(devices: str) -> str | int | list[int]:
 class ModelConfig:
     """What the model is: everything needed to rebuild it, saved with every checkpoint and export."""
 
-    image_encoder: str = opt("vit", "image tower: resnet | vit | xception | any timm model name")
-    text_encoder: str = opt("bert", "text tower: bert | gpt2 | any Hugging Face model name or local directory")
+    image_encoder: str = opt("vit", "image tower: resnet | vit | xception | clip_vision (transformers' CLIP ViT) | "
+                                    "any timm model name")
+    text_encoder: str = opt("bert", "text tower: bert | gpt2 | clip_text (CLIP's text transformer) | any Hugging "
+                                    "Face model name or local directory")
     model_size: str = opt("tiny", "tower sizes: tiny (CPU demo, tests) or base (ResNet-50, ViT-B/16, Xception, "
                                   "BERT-base, GPT-2 small)", ("tiny", "base"))
     image_size: int | None = opt(None, "input resolution in pixels (default: the image preset's)", at_least=1)
@@ -65,9 +68,9 @@ class ModelConfig:
     head: str = opt("linear", "projection head: linear (no bias, as CLIP) or mlp (GELU, dropout, residual, LayerNorm)",
                     ("linear", "mlp"))
     head_dropout: float = opt(0.1, "dropout inside the mlp head", at_least=0, below=1)
-    loss: str = opt("clip", "contrastive loss: clip (softmax InfoNCE, temperature from 0.07) or siglip (pairwise "
-                            "sigmoid with a learned bias, scale from 10 and bias from -10, as SigLIP)",
-                    ("clip", "siglip"))
+    loss: str = opt("clip", "contrastive loss: clip (softmax InfoNCE, temperature from 0.07), siglip (pairwise "
+                            "sigmoid with a learned bias, scale from 10 and bias from -10, as SigLIP), or any "
+                            "registered objective", OBJECTIVES)
     patch_dropout: float = opt(0.0, "share of a ViT's patch tokens dropped at random in training, never in "
                                     "evaluation (FLIP; timm's patch_drop_rate)", at_least=0, below=1)
     pretrained_image: bool = opt(False, "load published image tower weights (needs the network or a warm cache)")
@@ -76,8 +79,12 @@ class ModelConfig:
                                    ("cls", "mean", "last"))
     context_length: int = opt(77, "captions are truncated to this many tokens (at most the text tower's positions)",
                               at_least=2)
-    image_overrides: dict = opt(dict, "timm constructor arguments over the preset (YAML or JSON)")
+    image_overrides: dict = opt(dict, "timm constructor arguments over the preset (clip_vision: config fields, and "
+                                      "image_mean, image_std) (YAML or JSON)")
     text_overrides: dict = opt(dict, "Hugging Face config fields over the preset (YAML or JSON)")
+    init: str | None = opt(None, "start from a published CLIP's towers, heads, temperature and tokenizer (it sets "
+                                 "the encoders, sizes, head, embed_dim and image size): openai:<transformers CLIP "
+                                 "folder or hub name>, openclip:<arch>/<tag>, or openclip:<open_clip folder>")
 
 
 @dataclass
@@ -152,7 +159,8 @@ class RunConfig:
 
     max_steps: int = opt(1000, "optimizer steps to train for (-1: no limit, use --max-epochs)", at_least=-1)
     max_epochs: int | None = opt(None, "epochs to train for", at_least=1)
-    val_every_n_steps: int = opt(500, "validate every this many training batches", at_least=1)
+    val_every_n_steps: int = opt(500, "validate every this many optimizer steps (as --max-steps counts them)",
+                                 at_least=1)
     early_stopping_patience: int | None = opt(None, "stop after this many validations without improvement",
                                               at_least=1)
     precision: str = opt("auto", "auto (bf16-mixed on GPUs with bf16, 16-mixed on older GPUs, 32-true on CPUs), "
@@ -308,7 +316,7 @@ def read_yaml(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"config file {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     for key in values:

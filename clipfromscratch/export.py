@@ -35,7 +35,7 @@ def rebuild_model(model_config: dict, tokenizer, text_config: dict) -> CLIP:
     if not isinstance(model_config, dict) or not isinstance(text_config, dict):
         raise UsageError("its model config or text config is not a mapping")
     # each value checked as a flag's would be; the weights come from the file: never fetch published ones again
-    config = replace(section_from(ModelConfig, model_config), pretrained_image=False, pretrained_text=False)
+    config = replace(section_from(ModelConfig, model_config), pretrained_image=False, pretrained_text=False, init=None)
     text_config = dict(text_config)
     if "model_type" not in text_config:
         raise UsageError("its text config has no model_type")

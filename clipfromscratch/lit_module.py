@@ -5,6 +5,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -13,8 +14,8 @@ from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clipfromscratch.export import checkpoint_entries
-from clipfromscratch.loss import clip_loss, siglip_loss
 from clipfromscratch.model import CLIP
+from clipfromscratch.objectives import OBJECTIVES
 from clipfromscratch.text_tokenizers import tokenizer_fingerprint
 
 MONITOR = "val/mean_recall@1"  # what "best" means for checkpoints, plateau and early stopping
@@ -26,6 +27,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def gather_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """(world, ...): every rank's `tensor` (of one shape on all), without gradient. torch.distributed's own
+    all_gather: Lightning's `all_gather` goes through a deprecated autograd function."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
 
 
 class CLIPModule(pl.LightningModule):
@@ -41,6 +52,7 @@ class CLIPModule(pl.LightningModule):
                  batch_rows: int | None = None):
         super().__init__()
         self.model = model
+        self.objective = OBJECTIVES[model.config.loss]
         self.optim = optim
         self.batch_rows = batch_rows
         self.zeroshot_tasks = zeroshot_tasks or {}
@@ -53,7 +65,7 @@ class CLIPModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # a token id must mean the same word piece on every rank: the embedding table is one shared parameter
         fingerprint = tokenizer_fingerprint(self.model.tokenizer)
-        held = self.all_gather(torch.tensor(int(fingerprint[:15], 16), device=self.device))
+        held = gather_ranks(torch.tensor(int(fingerprint[:15], 16), device=self.device))
         if self.trainer.world_size > 1 and bool((held != held[0]).any()):
             raise UsageError("the ranks hold different tokenizers: every rank must see one run folder, and a new "
                              "run needs a folder without an earlier run's tokenizer (a new --output-dir, or --resume)")
@@ -81,10 +93,8 @@ class CLIPModule(pl.LightningModule):
         # reaches the loss's collectives at every step
         image_features, text_features = self.embed(batch)
         scale, bias = self.model.logit_scale(), self.model.logit_bias
-        if bias is None:
-            loss = clip_loss(image_features, text_features, scale, self.batch_rows)
-        else:
-            loss = siglip_loss(image_features, text_features, scale, bias, self.batch_rows)
+        loss = self.objective.loss(image_features, text_features, scale, bias, self.batch_rows)
+        if bias is not None:
             self.log("train/logit_bias", bias)
         # logged as tensors: Lightning reads them on the host only every --log-every-n-steps
         self.log("train/loss", loss, prog_bar=True)
@@ -160,10 +170,10 @@ class CLIPModule(pl.LightningModule):
         if self.trainer.world_size == 1:
             return local
         # ranks can hold different row counts (unreadable samples are dropped): pad to the largest, gather, cut
-        counts = self.all_gather(torch.tensor(local["index"].size(0), device=self.device)).tolist()
+        counts = gather_ranks(torch.tensor(local["index"].size(0), device=self.device)).tolist()
         padded = {k: F.pad(v, (0, 0) * (v.dim() - 1) + (0, max(counts) - v.size(0))) for k, v in local.items()}
-        gathered = {k: torch.cat([v[rank, :count] for rank, count in enumerate(counts)])
-                    for k, v in self.all_gather(padded).items()}
+        gathered = {k: torch.cat([part[:count] for part, count in zip(gather_ranks(v), counts)])
+                    for k, v in padded.items()}
         keep = first_occurrences(gathered["index"])[0].sort().values
         return {k: v[keep] for k, v in gathered.items()}
 

@@ -15,13 +15,11 @@ from clipfromscratch.dcsm import DenseScorer, encode_captions, similarity_maps
 from clipfromscratch.encoders.image import build_image_tower, default_image_size
 from clipfromscratch.encoders.text import build_text_tower, text_config
 from clipfromscratch.errors import UsageError
+from clipfromscratch.hf_modeling import MLPHead
+from clipfromscratch.objectives import OBJECTIVES
 from clipfromscratch.text_tokenizers import tokenize
 
-# CLIP initialises the temperature at 0.07 and never lets the logit scale exceed 100; SigLIP starts its scale at
-# 10 and its bias at -10, so that the many negative pairs start with a small loss
-INIT_LOGIT_SCALE = {"clip": math.log(1 / 0.07), "siglip": math.log(10)}
-INIT_LOGIT_BIAS = -10.0
-MAX_LOGIT_SCALE = math.log(100)
+MAX_LOGIT_SCALE = math.log(100)  # CLIP never lets the logit scale exceed 100
 
 
 def resolve_image_size(config: ModelConfig) -> ModelConfig:
@@ -29,21 +27,6 @@ def resolve_image_size(config: ModelConfig) -> ModelConfig:
     if config.image_size is not None:
         return config
     return replace(config, image_size=default_image_size(config.image_encoder, config.model_size))
-
-
-class MLPHead(nn.Module):
-    """Linear -> GELU -> linear -> dropout, plus a residual from the first projection, then LayerNorm."""
-
-    def __init__(self, in_dim: int, embed_dim: int, dropout: float):
-        super().__init__()
-        self.projection = nn.Linear(in_dim, embed_dim)
-        self.fc = nn.Linear(embed_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projected = self.projection(x)
-        return self.norm(projected + self.dropout(self.fc(F.gelu(projected))))
 
 
 def make_head(kind: str, in_dim: int, embed_dim: int, dropout: float) -> nn.Module:
@@ -72,9 +55,11 @@ class CLIP(nn.Module):
         self.text_tower = text_tower
         self.image_head = make_head(config.head, image_tower.num_features, config.embed_dim, config.head_dropout)
         self.text_head = make_head(config.head, text_tower.num_features, config.embed_dim, config.head_dropout)
+        objective = OBJECTIVES[config.loss]
         # learn log(1/T) so the temperature stays positive
-        self.log_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE[config.loss]))
-        self.logit_bias = nn.Parameter(torch.tensor(INIT_LOGIT_BIAS)) if config.loss == "siglip" else None
+        self.log_logit_scale = nn.Parameter(torch.tensor(objective.init_log_logit_scale))
+        self.logit_bias = (None if objective.init_logit_bias is None
+                           else nn.Parameter(torch.tensor(objective.init_logit_bias)))
         self.preprocess = image_transform(config.image_size, image_tower.mean, image_tower.std, train=False)
         self.locked_modules: list[nn.Module] = []
         self.dense_scorer: DenseScorer | None = None  # a DCSM head, trained afterwards by `train-dcsm`

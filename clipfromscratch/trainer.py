@@ -123,7 +123,8 @@ def build_trainer(config: TrainConfig, output_dir: str) -> pl.Trainer:
             accelerator=run.accelerator, devices=devices, strategy=strategy, num_nodes=run.num_nodes,
             precision=run.precision, max_steps=run.max_steps, max_epochs=run.max_epochs,
             gradient_clip_val=optim.gradient_clip_val, accumulate_grad_batches=optim.accumulate_grad_batches,
-            val_check_interval=run.val_every_n_steps, check_val_every_n_epoch=None,
+            # Lightning counts the interval in batches: steps, as max_steps counts them
+            val_check_interval=run.val_every_n_steps * optim.accumulate_grad_batches, check_val_every_n_epoch=None,
             log_every_n_steps=run.log_every_n_steps, callbacks=callbacks(config, output_dir),
             logger=_logger(config, output_dir), default_root_dir=output_dir, num_sanity_val_steps=0,
             # a bar on a terminal; ProgressLines prints lines to a file instead

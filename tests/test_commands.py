@@ -38,7 +38,8 @@ def test_train_help_lists_every_option_with_what_it_accepts(capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("command, expected", [
-    ([], ["train", "train-dcsm", "eval", "compare", "search"]),
+    ([], ["train", "train-dcsm", "eval", "compare", "search", "export"]),
+    (["export"], ["--model", "--format", "{hf,open_clip}", "--output"]),
     (["train-dcsm"], ["--model", "--output", "--data", "--max-steps"]),
     (["eval"], ["--model", "--task", "--data"]),
     (["compare"], ["--models", "--tasks", "--output-dir"]),

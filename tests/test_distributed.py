@@ -18,12 +18,13 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from clipfromscratch import lit_module
 from clipfromscratch.config import ModelConfig, OptimConfig
 from clipfromscratch.data.synthetic import write_shards
 from clipfromscratch.errors import UsageError
 from clipfromscratch.lit_module import CLIPModule
-from clipfromscratch.loss import clip_loss, siglip_loss
 from clipfromscratch.model import build_model
+from clipfromscratch.objectives import OBJECTIVES
 from clipfromscratch.text_tokenizers import make_tokenizer, tokenize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +49,7 @@ def _loss_and_grads(towers: nn.Module, batch: dict, rows: int | None = None) -> 
     model = towers.module.model if isinstance(towers, DistributedDataParallel) else towers.model
     model.zero_grad()
     images, texts = towers(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-    if model.logit_bias is None:
-        loss = clip_loss(images, texts, model.logit_scale(), rows)
-    else:
-        loss = siglip_loss(images, texts, model.logit_scale(), model.logit_bias, rows)
+    loss = OBJECTIVES[model.config.loss].loss(images, texts, model.logit_scale(), model.logit_bias, rows)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -192,14 +190,14 @@ def test_the_same_seed_gives_the_same_run_under_every_launcher(ddp_runs):
         assert (run / "probe.rank0.json").read_text() == (first / "probe.rank0.json").read_text()
 
 
-def test_training_stops_in_one_line_if_ranks_hold_different_tokenizers(towers_and_batch):
+def test_training_stops_in_one_line_if_ranks_hold_different_tokenizers(towers_and_batch, monkeypatch):
     """The check every run makes as it starts: here rank 1 reports another tokenizer than this rank's."""
     module = CLIPModule(towers_and_batch[0].model, OptimConfig())
     module._trainer = SimpleNamespace(world_size=2)
-    module.all_gather = lambda fingerprint: torch.stack([fingerprint, fingerprint + 1])
+    monkeypatch.setattr(lit_module, "gather_ranks", lambda fingerprint: torch.stack([fingerprint, fingerprint + 1]))
     with pytest.raises(UsageError, match="the ranks hold different tokenizers"):
         module.on_fit_start()
-    module.all_gather = lambda fingerprint: torch.stack([fingerprint, fingerprint])
+    monkeypatch.setattr(lit_module, "gather_ranks", lambda fingerprint: torch.stack([fingerprint, fingerprint]))
     module.on_fit_start()
 
 

@@ -16,11 +16,11 @@ CAPTIONS = ["a small red circle on the left", "a blue square above a green trian
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    return {name: make_tokenizer(name, False, "tiny", CAPTIONS) for name in ("bert", "gpt2")}
+    return {name: make_tokenizer(name, False, "tiny", CAPTIONS) for name in ("bert", "gpt2", "clip_text")}
 
 
-@pytest.mark.parametrize("text_enc", ["bert", "gpt2"])
-@pytest.mark.parametrize("image_enc", ["resnet", "vit", "xception"])
+@pytest.mark.parametrize("text_enc", ["bert", "gpt2", "clip_text"])
+@pytest.mark.parametrize("image_enc", ["resnet", "vit", "xception", "clip_vision"])
 def test_every_pair_trains_every_parameter(image_enc, text_enc, tokenizers):
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_encoder=image_enc, text_encoder=text_enc, image_size=32, embed_dim=16),
@@ -36,7 +36,7 @@ def test_every_pair_trains_every_parameter(image_enc, text_enc, tokenizers):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
-@pytest.mark.parametrize("text_enc", ["bert", "gpt2"])
+@pytest.mark.parametrize("text_enc", ["bert", "gpt2", "clip_text"])
 def test_text_embedding_does_not_depend_on_padding(text_enc, tokenizers):
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_encoder="resnet", text_encoder=text_enc, image_size=32), tokenizers[text_enc])
@@ -46,7 +46,8 @@ def test_text_embedding_does_not_depend_on_padding(text_enc, tokenizers):
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("text_enc, shape", [("bert", (2, 1, 1, 9)), ("gpt2", (2, 1, 9, 9))])
+@pytest.mark.parametrize("text_enc, shape", [("bert", (2, 1, 1, 9)), ("gpt2", (2, 1, 9, 9)),
+                                             ("clip_text", (2, 1, 9, 9))])
 def test_the_tower_builds_the_attention_mask_transformers_would(text_enc, shape, tokenizers):
     """The 4D mask made in the tower (so that transformers never reads the mask back from the device) gives every
     real token the state that transformers' own mask gives it."""
@@ -123,3 +124,27 @@ def test_pretrained_text_tower_from_a_local_directory(tmp_path):
     torch.testing.assert_close(model.text_tower.backbone.embeddings.word_embeddings.weight,
                                saved.embeddings.word_embeddings.weight)
     assert model.text_tower.pooling == "mean"  # an unregistered architecture pools by mean unless told
+
+
+def test_clip_vision_tower_groups_its_layers_and_pools_its_class_token():
+    """transformers' CLIP ViT as a registered tower: the embeddings and pre-norm first, one group per layer with the
+    post-norm in the last, token 0 of `forward_tokens` the pooled feature, and checkpointing that keeps gradients."""
+    torch.manual_seed(0)
+    tower = build_image_tower("clip_vision", "tiny", False, 32, {"num_hidden_layers": 3})
+    groups = tower.layer_groups()
+    assert len(groups) == 4
+    names = {id(p): n for n, p in tower.backbone.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in groups[0]} == {"embeddings", "pre_layrnorm"}
+    assert any(names[id(p)].startswith("post_layernorm") for p in groups[-1])
+    pixels = torch.randn(2, 3, 32, 32)
+    tower.eval()
+    torch.testing.assert_close(tower.forward_tokens(pixels)[:, 0], tower(pixels))
+    assert tower.forward_tokens(pixels).shape == (2, 1 + 16, 128)
+    tower.train()
+    tower.enable_grad_checkpointing()
+    tower(pixels).sum().backward()
+    assert all(p.grad is not None for p in tower.parameters())
+    with pytest.raises(UsageError, match="made for 64 px images, not 32"):
+        build_image_tower("clip_vision", "tiny", False, 32, {"image_size": 64})
+    with pytest.raises(UsageError, match="patch-dropout needs a timm ViT"):
+        build_image_tower("clip_vision", "tiny", False, 32, {}, patch_dropout=0.5)

@@ -1,15 +1,16 @@
 """The LightningModule: the learning-rate schedule at steps whose multiplier is known by hand, and training steps that
 never wait for the device, a NaN step's update skipped there."""
 import math
+from dataclasses import replace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from clipfromscratch import lit_module
 from clipfromscratch import trainer as trainer_module
 from clipfromscratch.cli import main
 from clipfromscratch.lit_module import warmup_cosine
+from clipfromscratch.objectives import OBJECTIVES
 
 
 @pytest.mark.parametrize("step, multiplier", [
@@ -48,13 +49,13 @@ def test_the_update_of_a_nan_step_is_skipped_on_the_device(tmp_path, monkeypatch
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             weights[batch_idx] = {k: v.clone() for k, v in module.model.state_dict().items()}
 
-    real_loss, calls = lit_module.clip_loss, []
+    real, calls = OBJECTIVES["clip"], []
 
     def nan_at_step_3(*args):
         calls.append(1)
-        return real_loss(*args) * (float("nan") if len(calls) == 4 else 1.0)
+        return real.loss(*args) * (float("nan") if len(calls) == 4 else 1.0)
 
-    monkeypatch.setattr(lit_module, "clip_loss", nan_at_step_3)
+    monkeypatch.setitem(OBJECTIVES, "clip", replace(real, loss=nan_at_step_3))
     callbacks = trainer_module.callbacks
     monkeypatch.setattr(trainer_module, "callbacks", lambda config, folder: [*callbacks(config, folder), Record()])
     assert main([*TINY, "--max-steps", "6", "--val-every-n-steps", "6", "--skip-nonfinite", "--output-dir",

@@ -5,13 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import fsspec.implementations.local
 import pytest
 import torch
 
-import clipfromscratch.lit_module
 from clipfromscratch.cli import main
+from clipfromscratch.objectives import OBJECTIVES
 from clipfromscratch.run_folder import resume_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,15 +95,15 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, mo
 
 @pytest.fixture
 def nan_at_step_3(monkeypatch):
-    real_loss = clipfromscratch.lit_module.clip_loss
+    real = OBJECTIVES["clip"]
     calls = []
 
     def loss_with_one_nan(*args):
         calls.append(1)
-        loss = real_loss(*args)
+        loss = real.loss(*args)
         return loss * float("nan") if len(calls) == 4 else loss
 
-    monkeypatch.setattr(clipfromscratch.lit_module, "clip_loss", loss_with_one_nan)
+    monkeypatch.setitem(OBJECTIVES, "clip", replace(real, loss=loss_with_one_nan))
 
 
 @pytest.mark.slow

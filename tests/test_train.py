@@ -88,7 +88,8 @@ def test_resume_continues_the_run(bert_run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--image-enc", "vgg-nope"], "unknown image encoder 'vgg-nope': choose one of resnet, vit, xception"),
+    (["--image-enc", "vgg-nope"], "unknown image encoder 'vgg-nope': choose one of clip_vision, resnet, vit, "
+                                     "xception"),
     (["--text-enc", "./no/such/model"], "text encoder directory not found: ./no/such/model"),
     (["--train-data", "missing.tsv"], "caption table not found: missing.tsv"),
     (["--train-data", "no/such/shards-{000..002}.tar"], "shard not found"),

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
+from clipfromscratch.errors import first_line
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -131,7 +133,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as exn:  # torchvision's decoders raise RuntimeError for any corrupt input
         # its first line starts with the C++ function and source line: "decode_jpeg, .../decode_jpeg.cpp:171, "
-        raise ValueError(re.sub(r"^\w+, \S+:\d+, ", "", str(exn).splitlines()[0])) from None
+        raise ValueError(re.sub(r"^\w+, \S+:\d+, ", "", first_line(exn, None))) from None
 
 
 def read_sample(raw: dict, skipped: SkipCounts, label: str | None = None) -> tuple[Sample, torch.Tensor] | None:

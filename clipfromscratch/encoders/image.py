@@ -1,11 +1,15 @@
-"""Image towers built with timm: a registered family (resnet, vit, xception) or any timm model name.
+"""Image towers: the registry of families, and the timm towers (resnet, vit, xception, or any timm model name).
 
-Every tower returns pooled features (B, num_features): timm models built with num_classes=0.
+A registered family builds its tower from a size preset, an input resolution and constructor overrides
+(`build`), and knows the resolution its presets are made for (`image_size`); transformers' CLIP vision tower is
+the other kind (encoders/hf_vision.py). Every tower returns pooled features (B, num_features) and offers
+`forward_tokens`, `layer_groups`, `enable_grad_checkpointing`, `image_size`, `mean` and `std`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import timm
 import torch
@@ -24,29 +28,53 @@ class ImagePreset:
     kwargs: dict = field(default_factory=dict)
 
 
+class ImageFamily(Protocol):
+    """What the image registry holds: a family of towers with size presets."""
+
+    def image_size(self, size: str) -> int:
+        """The input resolution the preset `size` is made for."""
+
+    def build(self, size: str, pretrained: bool, image_size: int, overrides: dict, patch_dropout: float
+              ) -> nn.Module:
+        """The tower at `size` and `image_size`, `overrides` winning over the preset."""
+
+
 @dataclass(frozen=True)
-class ImageFamily:
+class TimmFamily:
     presets: dict[str, ImagePreset]
     # ViTs bake the input size into their position embeddings; CNNs take any size
     takes_img_size: bool
 
+    def image_size(self, size: str) -> int:
+        return self.presets[check_size(size)].image_size
+
+    def timm_arguments(self, size: str, image_size: int) -> tuple[str, dict]:
+        """(timm model name, constructor arguments) of the preset `size` at `image_size`."""
+        preset = self.presets[check_size(size)]
+        return preset.timm_name, dict(preset.kwargs, **({"img_size": image_size} if self.takes_img_size else {}))
+
+    def build(self, size: str, pretrained: bool, image_size: int, overrides: dict, patch_dropout: float
+              ) -> ImageTower:
+        timm_name, kwargs = self.timm_arguments(size, image_size)
+        return build_timm_tower(timm_name, kwargs, pretrained, image_size, overrides, patch_dropout)
+
 
 IMAGE_ENCODERS: Registry[ImageFamily] = Registry("image encoder", "any timm model name (e.g. convnext_tiny)")
-IMAGE_ENCODERS.register("resnet", ImageFamily(
+IMAGE_ENCODERS.register("resnet", TimmFamily(
     presets={
         "tiny": ImagePreset("resnet50", 32, dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32)),
         "base": ImagePreset("resnet50", 224),
     },
     takes_img_size=False,
 ))
-IMAGE_ENCODERS.register("vit", ImageFamily(
+IMAGE_ENCODERS.register("vit", TimmFamily(
     presets={
         "tiny": ImagePreset("vit_base_patch16_224", 32, dict(patch_size=8, embed_dim=128, depth=4, num_heads=4)),
         "base": ImagePreset("vit_base_patch16_224", 224),
     },
     takes_img_size=True,
 ))
-IMAGE_ENCODERS.register("xception", ImageFamily(
+IMAGE_ENCODERS.register("xception", TimmFamily(
     presets={
         # timm's aligned Xception needs two or more blocks (one block divides by zero in its drop-path schedule)
         "tiny": ImagePreset("xception41", 32, dict(block_cfg=[
@@ -108,27 +136,35 @@ def default_image_size(name: str, size: str) -> int:
     """The input resolution a family's preset is built for (any other timm model: its pretrained config's)."""
     family = IMAGE_ENCODERS.get(name)
     if family is not None:
-        return family.presets[check_size(size)].image_size
+        return family.image_size(size)
     if not timm.is_model(name):
         raise IMAGE_ENCODERS.unknown(name)
     return timm.get_pretrained_cfg(name).input_size[-1]
 
 
 def build_image_tower(name: str, size: str, pretrained: bool, image_size: int, overrides: dict,
-                      patch_dropout: float = 0.0) -> ImageTower:
-    """Build the tower `name` at `size`; `overrides` are timm constructor arguments that win over the preset;
+                      patch_dropout: float = 0.0) -> nn.Module:
+    """Build the tower `name` at `size`; `overrides` are constructor arguments that win over the preset;
     `patch_dropout` drops that share of a ViT's patch tokens in training mode (FLIP)."""
     family = IMAGE_ENCODERS.get(name)
     if family is not None:
-        preset = family.presets[check_size(size)]
-        timm_name, kwargs = preset.timm_name, dict(preset.kwargs)
-        if family.takes_img_size:
-            kwargs["img_size"] = image_size
-    elif timm.is_model(name):
-        timm_name, kwargs = name, {}
-    else:
-        raise IMAGE_ENCODERS.unknown(name)
-    kwargs.update(overrides)
+        return family.build(size, pretrained, image_size, overrides, patch_dropout)
+    if timm.is_model(name):
+        return build_timm_tower(name, {}, pretrained, image_size, overrides, patch_dropout)
+    raise IMAGE_ENCODERS.unknown(name)
+
+
+def timm_arguments(name: str, size: str, image_size: int) -> tuple[str, dict]:
+    """(timm model name, constructor arguments before image_overrides) of a timm image tower: a family's preset,
+    or a timm name as it is."""
+    family = IMAGE_ENCODERS.get(name)
+    return family.timm_arguments(size, image_size) if isinstance(family, TimmFamily) else (name, {})
+
+
+def build_timm_tower(timm_name: str, kwargs: dict, pretrained: bool, image_size: int, overrides: dict,
+                     patch_dropout: float) -> ImageTower:
+    """timm's `timm_name` with constructor `kwargs`, `overrides` over them."""
+    kwargs = {**kwargs, **overrides}
     try:
         backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError) as err:

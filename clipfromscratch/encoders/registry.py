@@ -1,4 +1,4 @@
-"""Name -> preset tables for the towers, with one-line errors that list the valid names."""
+"""Name -> tower family tables, with one-line errors that list the valid names."""
 from __future__ import annotations
 
 from typing import Generic, TypeVar
@@ -11,7 +11,7 @@ MODEL_SIZES = ("tiny", "base")
 
 
 class Registry(Generic[T]):
-    """A named table of presets; `fallback` says in words what else a name may be."""
+    """A named table of tower families; `fallback` says in words what else a name may be."""
 
     def __init__(self, kind: str, fallback: str):
         self.kind = kind
@@ -20,6 +20,9 @@ class Registry(Generic[T]):
 
     def register(self, name: str, entry: T) -> None:
         self._entries[name] = entry
+
+    def unregister(self, name: str) -> None:
+        del self._entries[name]
 
     def get(self, name: str) -> T | None:
         return self._entries.get(name)

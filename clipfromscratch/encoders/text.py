@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers import AutoConfig, AutoModel, CLIPTextModel, PretrainedConfig
 
 from clipfromscratch.encoders.registry import Registry, check_size
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
+from clipfromscratch.hf_modeling import pool
 
 POOLINGS = ("cls", "mean", "last")
 
@@ -28,6 +29,7 @@ class TextFamily:
     tokenizer_kind: str  # what `text_tokenizers.make_tokenizer` trains when not pretrained
     attention: str  # "bidirectional" or "causal": the mask the tower builds for SDPA itself (TextTower.attend)
     model_kwargs: dict = field(default_factory=dict)
+    backbone_class: type = AutoModel  # what loads the published tower (a text tower inside a two-tower checkpoint)
 
 
 TEXT_ENCODERS: Registry[TextFamily] = Registry(
@@ -63,20 +65,56 @@ TEXT_ENCODERS.register("gpt2", TextFamily(
     tokenizer_kind="bpe",
     attention="causal",
 ))
+# CLIP's own text transformer (pre-norm, causal, a final norm), as OpenAI's models and `--init openai:` have it
+TEXT_ENCODERS.register("clip_text", TextFamily(
+    hub_name="openai/clip-vit-base-patch32",
+    model_type="clip_text_model",
+    presets={
+        "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                     max_position_embeddings=77, vocab_size=8192),
+        "base": {},  # CLIPTextConfig defaults: the text tower of OpenAI's ViT-B models
+    },
+    # its last real token is the end-of-text token, which CLIP pools (after the final norm)
+    pooling="last",
+    tokenizer_kind="bpe",
+    attention="causal",
+    backbone_class=CLIPTextModel,
+))
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, L, H) hidden states, (B, L) right-padded mask -> (B, H)."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    if pooling == "mean":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    last = attention_mask.sum(1).clamp(min=1) - 1  # index of the last real token, padding is on the right
-    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+class TransformersTower(nn.Module):
+    """What every tower around a transformers backbone (`self.backbone`) shares: layer groups and checkpointing."""
+
+    backbone: nn.Module
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The tower's parameters by layer, from the input up: the embeddings, then each transformer layer (the
+        final norm, if any, with the last). The layers are the backbone's longest module list (BERT's
+        `encoder.layer`, GPT-2's `h`, CLIP's `encoder.layers`, and the like in other Hugging Face models)."""
+        lists = [m for m in self.backbone.modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            raise UsageError(f"tower {type(self.backbone).__name__} has no list of layers to group")
+        layers = max(lists, key=len)
+        owner = {id(p): 1 + i for i, layer in enumerate(layers) for p in layer.parameters()}
+        groups: list[list[nn.Parameter]] = [[] for _ in range(1 + len(layers))]
+        after_layers = False  # parameters registered after the layers (a final norm) join the last layer
+        for p in self.backbone.parameters():
+            after_layers = after_layers or id(p) in owner
+            groups[owner.get(id(p), len(layers) if after_layers else 0)].append(p)
+        return groups
+
+    def enable_grad_checkpointing(self) -> None:
+        non_reentrant = {"use_reentrant": False}  # works under DDP and with inputs that need no gradient
+        try:
+            if hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers 5 (the other is deprecated)
+                self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+            else:
+                self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+        except ValueError as err:
+            raise UsageError(f"{type(self.backbone).__name__}: {err}") from None
 
 
-class TextTower(nn.Module):
+class TextTower(TransformersTower):
     """A transformers backbone plus a pooling rule: (B, L) ids, mask -> (B, num_features).
 
     `attention` ("bidirectional", "causal", None for a model of no registered family) is the backbone's kind of
@@ -111,28 +149,6 @@ class TextTower(nn.Module):
         length = attention_mask.size(1)
         return torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril() & keys
 
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """The tower's parameters by layer, from the input up: the embeddings, then each transformer layer (the
-        final norm, if any, with the last). The layers are the backbone's longest module list (BERT's
-        `encoder.layer`, GPT-2's `h`, and the like in other Hugging Face models)."""
-        lists = [m for m in self.backbone.modules() if isinstance(m, nn.ModuleList)]
-        if not lists:
-            raise UsageError(f"text tower {type(self.backbone).__name__} has no list of layers to group")
-        layers = max(lists, key=len)
-        owner = {id(p): 1 + i for i, layer in enumerate(layers) for p in layer.parameters()}
-        groups: list[list[nn.Parameter]] = [[] for _ in range(1 + len(layers))]
-        after_layers = False  # parameters registered after the layers (a final norm) join the last layer
-        for p in self.backbone.parameters():
-            after_layers = after_layers or id(p) in owner
-            groups[owner.get(id(p), len(layers) if after_layers else 0)].append(p)
-        return groups
-
-    def enable_grad_checkpointing(self) -> None:
-        try:  # non-reentrant: works under DDP and with inputs that need no gradient
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        except ValueError as err:
-            raise UsageError(f"text tower: {err}") from None
-
 
 def text_family(name: str) -> TextFamily | None:
     """The registered family of `name`, None for a Hugging Face name or path; unknown local-looking paths fail."""
@@ -150,7 +166,7 @@ def pretrained_source(name: str) -> str:
 
 def _hub_error(what: str, source: str, err: Exception) -> UsageError:
     return UsageError(
-        f"cannot load {what} '{source}' (offline, or not a Hugging Face model?): {str(err).splitlines()[0]}"
+        f"cannot load {what} '{source}' (offline, or not a Hugging Face model?): {first_line(err)}"
     )
 
 
@@ -174,16 +190,17 @@ def build_text_tower(name: str, pooling: str | None, pretrained: bool, config: P
     """Published weights of `name` when pretrained, else random weights for `config` (from `text_config`)."""
     family = text_family(name)
     model_kwargs = family.model_kwargs if family is not None else {}
+    backbone_class = family.backbone_class if family is not None else AutoModel
     pooling = pooling or (family.pooling if family is not None else "mean")
     if pretrained:
         source = pretrained_source(name)
         try:
-            backbone = AutoModel.from_pretrained(source, **model_kwargs)
+            backbone = backbone_class.from_pretrained(source, **model_kwargs)
         except (OSError, ValueError) as err:
             raise _hub_error("pretrained text tower", source, err) from None
     else:
         try:
             backbone = AutoModel.from_config(config, **model_kwargs)
         except (ValueError, TypeError, RuntimeError) as err:
-            raise UsageError(f"text tower {name} cannot be built from its config: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"text tower {name} cannot be built from its config: {first_line(err)}") from None
     return TextTower(backbone, pooling, family.attention if family is not None else None)

@@ -1,4 +1,4 @@
-"""`clipfromscratch eval | compare | search` and the top-level help.
+"""`clipfromscratch eval | compare | search | export` and the top-level help.
 
 Flags -> EvalOptions (its flags made and checked by clipfromscratch.config, as training's) and models -> results
 on disk and stdout. Every flag and output location is checked before a model is loaded; a bad one is one line
@@ -17,10 +17,11 @@ from transformers.utils import logging as transformers_logging
 from clipfromscratch.config import add_flags, options_of, section_from
 from clipfromscratch.errors import CommandLineParser, UsageError, report
 from clipfromscratch.eval.compare import compare
-from clipfromscratch.eval.models import load_eval_model, parse_device
+from clipfromscratch.eval.models import load_clip, load_eval_model, parse_device
 from clipfromscratch.eval.plots import confusion_matrices, failure_sheet, write_confusion_csv
 from clipfromscratch.eval.search import DEFAULT_CACHE_DIR, check_search, check_sheet, contact_sheet, search
 from clipfromscratch.eval.tasks import TASKS, EvalOptions, Evaluation, check_tasks, run_task
+from clipfromscratch.formats import FORMATS, check_export_output, export_as
 from clipfromscratch.outputs import check_output_file, write_text_atomic
 
 EVAL_OPTIONS = options_of([EvalOptions])
@@ -43,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     # listed for the help screen only: `train` is parsed by clipfromscratch.config (see clipfromscratch.cli)
     commands.add_parser("train", help="train a CLIP model (the default command; same as python train.py)")
     commands.add_parser("train-dcsm", help="train a DCSM head over a trained model's frozen towers")
-    model_help = "an export directory, a .ckpt, openai:<hub name or dir>, or openclip:<arch>/<tag>"
+    model_help = "an export directory, a .ckpt, openai:<hub name or dir>, or openclip:<arch>/<tag> or <dir>"
 
     evaluate = commands.add_parser("eval", help="run one task on one model")
     evaluate.add_argument("--model", required=True, help=model_help)
@@ -65,6 +66,14 @@ def parser() -> argparse.ArgumentParser:
     finder.add_argument("--sheet", default="search.png", help="contact sheet PNG of the top k")
     finder.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the folder's embeddings are kept")
     _option_flags(finder, SEARCH_OPTIONS)
+
+    exporter = commands.add_parser("export", help="write a model in open_clip's or Hugging Face's format")
+    exporter.add_argument("--model", required=True, help="a run folder (its final/ export), an export directory "
+                                                         "or a .ckpt")
+    exporter.add_argument("--format", required=True, choices=sorted(FORMATS),
+                          help="open_clip: a folder open_clip loads as local-dir:DIR; hf: a folder transformers "
+                               "loads with AutoModel.from_pretrained(DIR, trust_remote_code=True)")
+    exporter.add_argument("--output", required=True, help="the new folder (must not exist, or be empty)")
     return root
 
 
@@ -105,7 +114,15 @@ def run_search(args: argparse.Namespace) -> None:
     contact_sheet(hits, args.query, args.sheet)
 
 
-COMMANDS = {"eval": run_eval, "compare": run_compare, "search": run_search}
+def run_export(args: argparse.Namespace) -> None:
+    check_export_output(args.output)
+    run_export_dir = os.path.join(args.model, "final")
+    model = load_clip(run_export_dir if os.path.isdir(run_export_dir) else args.model, torch.device("cpu"))
+    largest = export_as(model, args.format, args.output)
+    print(f"{args.format} export: {args.output} (its embeddings differ from ours by at most {largest:.1e})")
+
+
+COMMANDS = {"eval": run_eval, "compare": run_compare, "search": run_search, "export": run_export}
 
 
 def main(argv: list[str]) -> int:

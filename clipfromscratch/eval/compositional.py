@@ -34,7 +34,7 @@ from PIL import Image
 from clipfromscratch.data.compositional import ProbeItem, probe_items
 from clipfromscratch.data.samples import UNREADABLE, UNREADABLE_IMAGE, SkipCounts, open_rgb
 from clipfromscratch.dcsm import encode_captions, similarity_maps
-from clipfromscratch.errors import UsageError
+from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.models import EvalModel
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _read_json(path: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot read {path}: {first_line(err)}") from None
 
 
 def _whatsup(path: str, root: str, unreadable: SkipCounts) -> tuple[list[ProbeItem], int]:

@@ -1,7 +1,8 @@
 """One interface for every evaluated model, whatever its family: ours, OpenAI CLIP (transformers), open_clip.
 
 A model SPEC is an export directory or a Lightning `.ckpt` of ours, `openai:<hub name or local dir>`, or
-`openclip:<arch>/<pretrained tag or checkpoint file>`. Adding a family is one function in ADAPTERS.
+`openclip:<arch>/<pretrained tag or checkpoint file>` or
+`openclip:<open_clip folder>`. Adding a family is one function in ADAPTERS.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from clipfromscratch.export import (
     model_from_checkpoint,
     read_checkpoint,
 )
+from clipfromscratch.formats.open_clip import import_open_clip, open_clip_name
 from clipfromscratch.model import CLIP
+from clipfromscratch.objectives import OBJECTIVES
 from clipfromscratch.text_tokenizers import tokenize
 
 
@@ -48,12 +51,13 @@ class EvalModel:
     encode_image_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
     encode_text_tokens: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     dense_scorer: DenseScorer | None = None  # a trained DCSM head: the model scores pairs by it too
-    logit_bias: float | None = None  # SigLIP models: each pair's probability is sigmoid(scale * cos + bias)
+    logit_bias: float | None = None  # added to scale * cosine, for objectives that learn one (SigLIP)
+    objective: str = "clip"  # what the model was trained with (objectives.OBJECTIVES): how scores become probabilities
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, C) logits (scale * cosine, plus the bias for SigLIP) -> class probabilities: a softmax over the
-        classes for CLIP models, and for SigLIP models, trained on independent pairs, each pair's own sigmoid."""
-        return torch.sigmoid(logits) if self.logit_bias is not None else logits.softmax(dim=-1)
+        """(N, C) logits (scale * cosine, plus the bias where there is one) -> class probabilities, as the model's
+        objective makes them: a softmax over the classes for CLIP, each pair's own sigmoid for SigLIP."""
+        return OBJECTIVES[self.objective].probabilities(logits)
 
 
 def _mtime(path: str) -> float:
@@ -66,7 +70,7 @@ def from_clip(model: CLIP, name: str, weights_mtime: float = 0.0) -> EvalModel:
     return EvalModel(name, model.encode_image, model.encode_text, model.preprocess, model.tokenizer,
                      model.logit_scale().item(), device, weights_mtime, model.encode_image_tokens,
                      model.encode_text_tokens, model.dense_scorer,
-                     None if model.logit_bias is None else model.logit_bias.item())
+                     None if model.logit_bias is None else model.logit_bias.item(), model.config.loss)
 
 
 def load_checkpoint(path: str, device: torch.device) -> CLIP:
@@ -138,24 +142,22 @@ def load_openai(source: str, device: torch.device) -> EvalModel:
 
 
 def load_openclip(spec: str, device: torch.device) -> EvalModel:
+    """An open_clip model: `<arch>/<pretrained tag or checkpoint file>`, or a folder open_clip loads as
+    `local-dir:` (what `clipfromscratch export --format open_clip` writes)."""
+    open_clip = import_open_clip()
+    name, pretrained = open_clip_name(spec, "openclip:")
     try:
-        import open_clip
-    except ImportError:
-        raise UsageError("openclip: models need the open_clip_torch package (pip install open_clip_torch)") from None
-    arch, _, pretrained = spec.partition("/")
-    if not arch or not pretrained:
-        raise UsageError(f"openclip:{spec}: write openclip:<arch>/<pretrained tag or checkpoint file>, "
-                         f"e.g. openclip:ViT-B-32/laion2b_s34b_b79k")
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError) as err:
-        raise UsageError(f"cannot load openclip:{spec}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"cannot load openclip:{spec}: {first_line(err)}") from None
     model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
     return EvalModel(f"openclip:{spec}", lambda pixels: F.normalize(model.encode_image(pixels), dim=-1),
                      lambda texts: F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1),
-                     preprocess, tokenizer, model.logit_scale.exp().item(), device, _mtime(pretrained),
-                     logit_bias=None if getattr(model, "logit_bias", None) is None else model.logit_bias.item())
+                     preprocess, tokenizer, model.logit_scale.exp().item(), device, _mtime(pretrained or spec),
+                     # open_clip's SigLIP models are the ones with a bias
+                     logit_bias=None if getattr(model, "logit_bias", None) is None else model.logit_bias.item(),
+                     objective="clip" if getattr(model, "logit_bias", None) is None else "siglip")
 
 
 ADAPTERS: dict[str, Callable[[str, torch.device], EvalModel]] = {"openai": load_openai, "openclip": load_openclip}
