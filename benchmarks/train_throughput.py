@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipfromscratch.cli import compile_towers
+from clipfromscratch.training import compile_towers
 from clipfromscratch.config import ModelConfig, TrainConfig, load_config
 from clipfromscratch.data.datamodule import Collate
 from clipfromscratch.data.synthetic import SyntheticCaptions

@@ -261,7 +261,7 @@ def _check_range(name: str, value, bounds: dict) -> None:
 
 
 def _range_words(bounds: dict) -> str:
-    return " and ".join(f"{k} {v:g}" for k, v in bounds.items())
+    return " and ".join(f"{k} {v if isinstance(v, int) else format(v, 'g')}" for k, v in bounds.items())
 
 
 def _coerce(spec: Field, section: type, value):

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 from transformers.utils import logging as transformers_logging
 
+from clipfromscratch.config import add_flags, opt, options_of, section_from
 from clipfromscratch.data.compositional import training_pairs
 from clipfromscratch.dcsm import TEXT_TOKENS, DenseScorer, encode_captions, similarity_maps
 from clipfromscratch.errors import CommandLineParser, UsageError, report
@@ -43,17 +44,28 @@ PAIRS_PER_STEP = 12  # a step's matrix is 24 x 24 on synthetic data (4 pairs of 
 HELD_OUT = "dcsm_held_out.json"
 
 
+@dataclass
+class DcsmOptions:
+    """What `train-dcsm` reads besides the model, the output and the device: flags made and checked by
+    clipfromscratch.config."""
+
+    data: str = opt("synthetic", "synthetic, a .tsv/.csv caption table, or webdataset shards")
+    max_steps: int = opt(1500, "training steps", at_least=1)
+    # a step scores each image against the others' captions: two at least
+    batch_size: int = opt(PAIRS_PER_STEP, "pairs (synthetic) or images per step", at_least=2)
+    lr: float = opt(1e-3, "Adam's learning rate", above=0)
+    seed: int = opt(0, "seed of the head's weights, the pairs drawn and the held-out items", at_least=0,
+                    at_most=2**32 - 1)
+    eval_items: int = opt(300, "held-out 4-way items measured at the end", at_least=1)
+
+
 def parser() -> argparse.ArgumentParser:
     p = CommandLineParser(prog="clipfromscratch train-dcsm", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an export directory, a .ckpt, or openai:<hub name or dir>")
     p.add_argument("--output", required=True, help="where the model with its head is written")
-    p.add_argument("--data", default="synthetic", help="synthetic, a .tsv/.csv caption table, or webdataset shards")
-    p.add_argument("--max-steps", type=int, default=1500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=PAIRS_PER_STEP, help="pairs (synthetic) or images per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-items", type=int, default=300, help="held-out 4-way items measured at the end")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_flags(p, options_of([DcsmOptions]))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (default: cuda when there is a GPU, else cpu)")
     return p
 
 
@@ -139,17 +151,7 @@ def main(argv: list[str]) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every value, and the output folder, before anything is loaded."""
-    if args.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.batch_size < 2:  # a step scores each image against the others' captions
-        raise UsageError(f"--batch-size must be at least 2, got {args.batch_size}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr must be a positive number, got {args.lr}")
-    if not 0 <= args.seed <= 2**32 - 1:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
-    if args.eval_items < 1:
-        raise UsageError(f"--eval-items must be at least 1, got {args.eval_items}")
+    """The model and the output folder, before anything is loaded (the options are checked by `section_from`)."""
     if args.model.startswith("openclip:"):
         raise UsageError("train-dcsm takes our exports and checkpoints, and openai: models (open_clip models give "
                          "no token outputs here)")
@@ -162,25 +164,25 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = parse_device(args.device)
+    options, device = section_from(DcsmOptions, vars(args)), parse_device(args.device)
     check_args(args)
-    data = None if args.data == "synthetic" else open_captioned(args.data, None, 0)
+    data = None if options.data == "synthetic" else open_captioned(options.data, None, 0)
     family, colon, source = args.model.partition(":")
     if colon and family == "openai":
         clip, model = None, load_openai(source, device)
     else:
         clip = load_clip(args.model, device)
         model = from_clip(clip, args.model)
-    rng = random.Random(args.seed)
-    batches = (_synthetic_batches(rng, args.batch_size) if data is None
-               else _caption_batches(args.data, data, rng, args.batch_size))
-    head = train_head(model, batches, args.max_steps, args.lr, args.seed)
+    rng = random.Random(options.seed)
+    batches = (_synthetic_batches(rng, options.batch_size) if data is None
+               else _caption_batches(options.data, data, rng, options.batch_size))
+    head = train_head(model, batches, options.max_steps, options.lr, options.seed)
 
-    print(f"scoring the head on {args.eval_items} held-out items", flush=True)
+    print(f"scoring the head on {options.eval_items} held-out items", flush=True)
     model.dense_scorer = head
-    held_out = score_items(model, open_probes("synthetic", num_samples=args.eval_items, seed=args.seed))
+    held_out = score_items(model, open_probes("synthetic", num_samples=options.eval_items, seed=options.seed))
     scores = {name: scored.metrics for name, scored in held_out.items()}
-    summary = json.dumps({"model": args.model, "data": args.data, "steps": args.max_steps, **scores}, indent=2)
+    summary = json.dumps({"model": args.model, "data": options.data, "steps": options.max_steps, **scores}, indent=2)
 
     def write(folder: str) -> None:
         if clip is not None:
@@ -196,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
             f.write(summary)
 
     write_dir_atomic(args.output, write)
-    print(f"\nheld-out 4-way probes ({args.eval_items} items, colours, shapes and wordings unseen in training):")
+    print(f"\nheld-out 4-way probes ({options.eval_items} items, colours, shapes and wordings unseen in training):")
     for name, metrics in scores.items():
         print(f"  {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc")))
     print(f"written: {args.output}", flush=True)

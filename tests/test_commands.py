@@ -50,6 +50,14 @@ def test_clipfromscratch_help(capsys, command, expected):
     assert all(word in out for word in expected), out
 
 
+def test_an_unknown_command_is_one_line_with_the_closest_name(capsys):
+    assert main(["evaluate", "--model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'evaluate': did you mean 'eval'?") and err.count("\n") == 1, err
+    assert main(["frobnicate"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: os.path.relpath(p, REPO))
 def test_script_help(capsys, monkeypatch, script):
     monkeypatch.syspath_prepend(os.path.dirname(script))  # benchmarks import each other, as `python X.py` lets them

@@ -309,13 +309,13 @@ def test_train_dcsm_on_an_openai_model_and_on_captions(models, benchmarks, tmp_p
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "openclip:ViT-B-32/x"], "train-dcsm takes our exports and checkpoints, and openai: models"),
-    (["--max-steps", "0"], "--max-steps must be at least 1"),
-    (["--max-steps", "ten"], "argument --max-steps: invalid int value: 'ten'"),
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--lr", "inf"], "--lr must be a positive number"),
-    (["--seed", "-3"], "--seed must be between 0 and 2**32 - 1"),
-    (["--eval-items", "0"], "--eval-items must be at least 1"),
+    (["--max-steps", "0"], "option max_steps is 0: it must be at least 1"),
+    (["--max-steps", "ten"], "option max_steps expects int, got 'ten'"),
+    (["--batch-size", "1"], "option batch_size is 1: it must be at least 2"),
+    (["--lr", "-1"], "option lr is -1.0: it must be above 0"),
+    (["--lr", "inf"], "option lr is inf: it must be above 0"),
+    (["--seed", "-3"], "option seed is -3: it must be at least 0 and at most 4294967295"),
+    (["--eval-items", "0"], "option eval_items is 0: it must be at least 1"),
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--data", "/no/such/shards.tar"], "shard not found: /no/such/shards.tar"),
 ])

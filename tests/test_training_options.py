@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from clipfromscratch import load_model
 from clipfromscratch.callbacks import StepProgressBar
-from clipfromscratch.cli import compile_towers, main
+from clipfromscratch.cli import main
+from clipfromscratch.training import compile_towers
 from clipfromscratch.config import ModelConfig, OptimConfig, load_config
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.models import from_clip

@@ -1,4 +1,4 @@
-"""`clipfromscratch eval | compare | search | export` and the top-level help.
+"""`clipfromscratch eval | compare | search | export` (declared in clipfromscratch.cli).
 
 Flags -> EvalOptions (its flags made and checked by clipfromscratch.config, as training's) and models -> results
 on disk and stdout. Every flag and output location is checked before a model is loaded; a bad one is one line
@@ -38,27 +38,24 @@ def _option_flags(parser: argparse.ArgumentParser, options: dict) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = CommandLineParser(prog="clipfromscratch", description="Train CLIP models from scratch, evaluate and "
-                             "compare them. `clipfromscratch COMMAND --help` for a command's options.")
+    """The parsers of `eval`, `compare`, `search` and `export` (the commands clipfromscratch.cli routes here)."""
+    root = CommandLineParser(prog="clipfromscratch")
     commands = root.add_subparsers(dest="command", required=True)
-    # listed for the help screen only: `train` is parsed by clipfromscratch.config (see clipfromscratch.cli)
-    commands.add_parser("train", help="train a CLIP model (the default command; same as python train.py)")
-    commands.add_parser("train-dcsm", help="train a DCSM head over a trained model's frozen towers")
     model_help = "an export directory, a .ckpt, openai:<hub name or dir>, or openclip:<arch>/<tag> or <dir>"
 
-    evaluate = commands.add_parser("eval", help="run one task on one model")
+    evaluate = commands.add_parser("eval")
     evaluate.add_argument("--model", required=True, help=model_help)
     evaluate.add_argument("--task", required=True, help=" | ".join(TASKS))
     evaluate.add_argument("--output", help="results JSON file (zeroshot: the confusion matrix goes beside it)")
     _option_flags(evaluate, EVAL_OPTIONS)
 
-    comparison = commands.add_parser("compare", help="the same tasks on several models: report.md and plots")
+    comparison = commands.add_parser("compare")
     comparison.add_argument("--models", nargs="+", required=True, help=model_help)
     comparison.add_argument("--tasks", nargs="+", default=["zeroshot", "linear_probe"], help=" | ".join(TASKS))
     comparison.add_argument("--output-dir", required=True)
     _option_flags(comparison, EVAL_OPTIONS)
 
-    finder = commands.add_parser("search", help="text-to-image search in a folder of images")
+    finder = commands.add_parser("search")
     finder.add_argument("--model", required=True, help=model_help)
     finder.add_argument("--images", dest="folder", required=True, help="folder searched, with its subfolders")
     finder.add_argument("--query", required=True)
@@ -67,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     finder.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the folder's embeddings are kept")
     _option_flags(finder, SEARCH_OPTIONS)
 
-    exporter = commands.add_parser("export", help="write a model in open_clip's or Hugging Face's format")
+    exporter = commands.add_parser("export")
     exporter.add_argument("--model", required=True, help="a run folder (its final/ export), an export directory "
                                                          "or a .ckpt")
     exporter.add_argument("--format", required=True, choices=sorted(FORMATS),
