@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from clipfromscratch.data.samples import SHOWN_PER_REASON
+from clipfromscratch.data.specs import parse_data_spec
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.data import NO_CLASS, UNREADABLE_SHARD, ImageFiles, open_captioned, open_labelled
 from clipfromscratch.eval.embed import encode_images
@@ -126,3 +127,25 @@ def test_an_image_folder_with_unreadable_files_skips_them(tmp_path):
     data = open_labelled(f"imagefolder:{tmp_path}")
     features, labels = encode_images(_tiny_model(), data.test)
     assert labels == [0, 1] and data.test.skipped == {"unreadable image": 2}
+
+
+@pytest.mark.parametrize("spec, kind, where", [
+    ("synthetic", "synthetic", ""), ("synthetic:2way", "synthetic", "2way"), ("imagefolder:~/pets", "imagefolder",
+                                                                              "~/pets"),
+    ("cifar100:/data", "cifar100", "/data"), ("aro:vgr.json", "aro", "vgr.json"), ("train.TSV", "table", "train.TSV"),
+    ("shards/{000..009}.tar", "shards", "shards/{000..009}.tar"), ("s3://bucket/a.tar", "shards", "s3://bucket/a.tar"),
+    ("pipe:curl -s x.tar", "shards", "pipe:curl -s x.tar"),
+])
+def test_one_parser_reads_every_data_spec(spec, kind, where):
+    parsed = parse_data_spec(spec)
+    assert (parsed.kind, parsed.where) == (kind, where)
+
+
+@pytest.mark.parametrize("read, spec, message", [
+    (lambda spec: open_labelled(spec, label="x"), "whatsup:a.json", "a labelled task takes synthetic, imagefolder"),
+    (open_captioned, "sugarcrepe:b.json", "a captioned task takes synthetic, a caption table or shards"),
+    (open_captioned, "synthetic:2way", "a captioned task takes"),
+])
+def test_a_reader_refuses_the_kinds_it_cannot_use_in_one_line(read, spec, message):
+    with pytest.raises(UsageError, match=message):
+        read(spec)

@@ -93,6 +93,7 @@ def test_resume_continues_the_run(bert_run):
     (["--text-enc", "./no/such/model"], "text encoder directory not found: ./no/such/model"),
     (["--train-data", "missing.tsv"], "caption table not found: missing.tsv"),
     (["--train-data", "no/such/shards-{000..002}.tar"], "shard not found"),
+    (["--train-data", "imagefolder:~/pets"], "imagefolder:~/pets is imagefolder data: train data takes captioned"),
     (["--resume", "no/such/run"], "no checkpoint to resume from"),
     (["--model-size", "huge"], "option model_size is 'huge': choose one of tiny, base"),
     (["--lr-schedule", "plateau", "--train-data", "{table}"], "plateau and early stopping watch validation"),

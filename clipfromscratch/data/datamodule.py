@@ -17,9 +17,10 @@ from transformers import PreTrainedTokenizerFast
 from clipfromscratch.config import DataConfig
 from clipfromscratch.data.shard_index import IndexedShards
 from clipfromscratch.data.shards import CaptionShards
+from clipfromscratch.data.specs import parse_data_spec, refuse
 from clipfromscratch.data.synthetic import SyntheticCaptions
 from clipfromscratch.data.transforms import image_transform
-from clipfromscratch.data.tsv import CaptionTable, is_caption_table
+from clipfromscratch.data.tsv import CaptionTable
 from clipfromscratch.errors import UsageError
 from clipfromscratch.text_tokenizers import tokenize
 
@@ -28,10 +29,13 @@ def open_source(spec: str, split: str, *, seed: int, synthetic_samples: int, ima
                 csv_img_key: str, csv_caption_key: str, csv_separator: str | None, stream: dict) -> Dataset:
     """The dataset a SPEC names, without an image transform yet; `stream`: CaptionShards options for training;
     `csv_separator` None: by the table's suffix."""
-    if spec == "synthetic":
+    data = parse_data_spec(spec)
+    if data.kind == "synthetic" and not data.where:
         return SyntheticCaptions(split, synthetic_samples, seed, image_size)
-    if is_caption_table(spec):
+    if data.kind == "table":
         return CaptionTable(spec, None, csv_img_key, csv_caption_key, csv_separator)
+    if data.kind != "shards":
+        raise refuse(data, f"{split} data", "captioned images: synthetic, a caption table or webdataset shards")
     if split == "train":
         return CaptionShards(spec, None, shuffle=True, seed=seed, **stream)
     return IndexedShards(spec, None)

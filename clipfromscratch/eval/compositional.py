@@ -33,6 +33,7 @@ from PIL import Image
 
 from clipfromscratch.data.compositional import ProbeItem, probe_items
 from clipfromscratch.data.samples import UNREADABLE, UNREADABLE_IMAGE, SkipCounts, open_rgb
+from clipfromscratch.data.specs import parse_data_spec
 from clipfromscratch.dcsm import encode_captions, similarity_maps
 from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.models import EvalModel
@@ -149,17 +150,18 @@ READERS: dict[str, Callable[[str, str, SkipCounts], tuple[list[ProbeItem], int]]
 def open_probes(spec: str, images: str | None = None, num_samples: int | None = None,
                 seed: int = 0) -> list[ProbeItem]:
     """The items DATA names (see the module's docstring)."""
-    if spec in ("synthetic", "synthetic:4way", "synthetic:2way"):
-        ways = 2 if spec.endswith("2way") else 4
-        return probe_items("eval", ways, num_samples or SYNTHETIC_ITEMS, seed, SYNTHETIC_SIDE)
-    kind, colon, path = spec.partition(":")
-    if not colon or kind not in READERS:
+    data = parse_data_spec(spec)
+    if data.kind == "synthetic" and data.where in ("", "4way", "2way"):
+        return probe_items("eval", 2 if data.where == "2way" else 4, num_samples or SYNTHETIC_ITEMS, seed,
+                           SYNTHETIC_SIDE)
+    if data.kind not in READERS:
         raise UsageError(f"compositional data '{spec}': give synthetic, synthetic:2way, or one of "
                          f"{', '.join(f'{k}:FILE' for k in READERS)}")
+    path = data.where
     if not os.path.isfile(path):
         raise UsageError(f"annotation file not found: {path}")
     # one count of unreadable images for all the items: the log names the first, score_items sums them up
-    items, skipped = READERS[kind](path, images or os.path.dirname(os.path.abspath(path)), SkipCounts())
+    items, skipped = READERS[data.kind](path, images or os.path.dirname(os.path.abspath(path)), SkipCounts())
     if skipped:
         log.warning("%s: skipped %d records without the fields an item needs", path, skipped)
     if not items:

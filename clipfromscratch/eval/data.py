@@ -34,8 +34,9 @@ from clipfromscratch.data.samples import (
     sample_meta,
 )
 from clipfromscratch.data.shards import is_remote, resolve_shard_urls
+from clipfromscratch.data.specs import LABELLED, parse_data_spec, refuse
 from clipfromscratch.data.synthetic import SyntheticCaptions
-from clipfromscratch.data.tsv import CaptionTable, is_caption_table
+from clipfromscratch.data.tsv import CaptionTable
 from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.templates import read_lines
 from clipfromscratch.eval.zeroshot import Template
@@ -204,8 +205,8 @@ def _shard_labels(spec: str, label: str, limit: int | None) -> LabelledImages:
 def open_labelled(spec: str, label: str | None = None, classnames_file: str | None = None,
                   num_samples: int | None = None, seed: int = 0, download: bool = False) -> LabelledImages:
     """The labelled images DATA names; `label` picks the synthetic attribute or the KEY.json field of shards."""
-    kind, colon, where = spec.partition(":")
-    if spec == "synthetic":
+    data = parse_data_spec(spec)
+    if data.kind == "synthetic" and not data.where:
         tasks = SyntheticCaptions.zeroshot_tasks
         if label not in tasks:
             raise UsageError(f"synthetic data has the labels {', '.join(tasks)}: choose one with --label")
@@ -213,12 +214,14 @@ def open_labelled(spec: str, label: str | None = None, classnames_file: str | No
         n = num_samples or SYNTHETIC_SAMPLES
         split = {s: _Synthetic(SyntheticCaptions(s, n, seed, SYNTHETIC_SIDE), label) for s in ("train", "val")}
         return LabelledImages(list(classnames), split["val"], split["train"], list(templates))
-    if colon and kind == "imagefolder":
-        return _imagefolder(where, classnames_file, num_samples, seed)
-    if colon and kind in CIFAR:
-        return _cifar(kind, where, num_samples, seed, download)
-    if is_caption_table(spec):
+    if data.kind == "imagefolder":
+        return _imagefolder(data.where, classnames_file, num_samples, seed)
+    if data.kind in CIFAR:
+        return _cifar(data.kind, data.where, num_samples, seed, download)
+    if data.kind == "table":
         raise UsageError(f"{spec} is a caption table: it has no labels (use it with the retrieval task)")
+    if data.kind != "shards":
+        raise refuse(data, "a labelled task", "synthetic, imagefolder:DIR, cifar10:ROOT, cifar100:ROOT or shards")
     if label is None:
         raise UsageError(f"{spec}: give --label, the KEY.json field that holds each image's class")
     return _shard_labels(spec, label, num_samples)
@@ -246,11 +249,14 @@ class ImageFiles(Dataset):
 
 def open_captioned(spec: str, num_samples: int | None = None, seed: int = 0) -> Dataset:
     """(image, its captions) for every distinct image DATA names, for retrieval."""
-    if spec == "synthetic":
+    data = parse_data_spec(spec)
+    if data.kind == "synthetic" and not data.where:
         return _Synthetic(SyntheticCaptions("val", num_samples or SYNTHETIC_SAMPLES, seed, SYNTHETIC_SIDE), "caption")
-    if spec.partition(":")[0] in ("imagefolder", *CIFAR):
+    if data.kind in LABELLED:
         raise UsageError(f"{spec} has labels but no captions: retrieval needs a caption table, shards or synthetic")
-    if is_caption_table(spec):
+    if data.kind not in ("table", "shards"):
+        raise refuse(data, "a captioned task", "synthetic, a caption table or shards")
+    if data.kind == "table":
         table = CaptionTable(spec, None)
         # the distinct images of the table, each with all of its captions
         return _subset(ImageFiles(table.image_paths, table.captions_per_image()), num_samples, seed)
