@@ -50,7 +50,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipfromscratch.training import compile_towers
 from clipfromscratch.config import ModelConfig, TrainConfig, load_config
 from clipfromscratch.data.datamodule import Collate
 from clipfromscratch.data.synthetic import SyntheticCaptions
@@ -58,6 +57,7 @@ from clipfromscratch.encoders.text import text_config
 from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.model import CLIP, build_model, resolve_image_size
 from clipfromscratch.text_tokenizers import make_tokenizer
+from clipfromscratch.training import compile_towers
 
 
 @dataclass(frozen=True)

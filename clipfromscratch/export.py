@@ -99,7 +99,7 @@ def read_json_object(path: str) -> dict:
 def checkpoint_entries(model: CLIP) -> dict:
     """What a Lightning checkpoint carries besides the weights to rebuild `model`: its config and exact tokenizer."""
     return {"clip_model_config": asdict(model.config), "clip_tokenizer_files": tokenizer_to_files(model.tokenizer),
-            "clip_text_config": model.text_tower.backbone.config.to_dict()}
+            "clip_text_config": model.text_tower.architecture()}
 
 
 def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
@@ -143,7 +143,7 @@ def write_export(model: CLIP, directory: str) -> None:
     """The files of `export_model` into an existing folder, as they come (for a caller that adds its own files and
     moves the folder into place itself)."""
     save_safetensors(model, os.path.join(directory, WEIGHTS))
-    saved = {"model": asdict(model.config), "text_config": model.text_tower.backbone.config.to_dict()}
+    saved = {"model": asdict(model.config), "text_config": model.text_tower.architecture()}
     if model.dense_scorer is not None:
         saved["dcsm"] = dense_scorer_config(model.dense_scorer)
     with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:

@@ -149,7 +149,7 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,
         text_hf_config = text_config(config.text_encoder, config.model_size, config.text_overrides,
                                      len(tokenizer), {k: v for k, v in special_ids.items() if v is not None})
     text_tower = build_text_tower(config.text_encoder, config.text_pooling, config.pretrained_text, text_hf_config)
-    positions = getattr(text_tower.backbone.config, "max_position_embeddings", None)  # None: relative positions
+    positions = text_tower.max_positions
     if positions is not None and config.context_length > positions:
         raise UsageError(f"option context_length is {config.context_length}: text tower {config.text_encoder} "
                          f"has {positions} positions")

@@ -90,6 +90,8 @@ def test_search_command_with_our_model(tmp_path, capsys):
 
     assert main([*args[:4], str(tmp_path / "nowhere"), *args[5:]]) == 2
     assert "error: image folder not found" in capsys.readouterr().err
+    assert main([*args, "--seed", "3"]) == 0  # accepted for one release, with one line saying it does nothing
+    assert "warning: search --seed does nothing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", [b"not a cache", b"", None], ids=["garbage", "empty", "other-contents"])

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from clipfromscratch import load_model
 from clipfromscratch.callbacks import StepProgressBar
 from clipfromscratch.cli import main
-from clipfromscratch.training import compile_towers
 from clipfromscratch.config import ModelConfig, OptimConfig, load_config
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.models import from_clip
@@ -25,6 +24,7 @@ from clipfromscratch.lit_module import CLIPModule
 from clipfromscratch.model import build_model
 from clipfromscratch.text_tokenizers import make_tokenizer
 from clipfromscratch.trainer import build_trainer
+from clipfromscratch.training import compile_towers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle above a blue square", "a green star", "no yellow triangle here"] * 10

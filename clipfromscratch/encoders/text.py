@@ -132,6 +132,16 @@ class TextTower(TransformersTower):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pool(self.forward_tokens(input_ids, attention_mask), attention_mask, self.pooling)
 
+    def architecture(self) -> dict:
+        """What rebuilds the tower offline with random weights (saved with every checkpoint and export, read back
+        by `build_text_tower`): its backbone's transformers config."""
+        return self.backbone.config.to_dict()
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest caption in tokens it can read; None for relative positions (no limit)."""
+        return getattr(self.backbone.config, "max_position_embeddings", None)
+
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, mask -> (B, L, num_features): the state of every position (padding's too)."""
         return self.backbone(input_ids=input_ids, attention_mask=self.attend(attention_mask)).last_hidden_state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -26,15 +27,36 @@ from clipfromscratch.outputs import check_output_file, write_text_atomic
 
 EVAL_OPTIONS = options_of([EvalOptions])
 # search reads no DATA (its --images is the folder it searches): of the evaluation options it takes those of
-# encoding, and --seed, which it has always accepted
-SEARCH_OPTIONS = {name: EVAL_OPTIONS[name] for name in ("batch_size", "num_workers", "seed")}
+# encoding
+SEARCH_OPTIONS = {name: EVAL_OPTIONS[name] for name in ("batch_size", "num_workers")}
+# flags renamed or emptied of meaning, still accepted for one release with a one-line warning:
+# dest -> (flag, what to say)
+DEPRECATED = {"images_deprecated": ("--images", "eval and compare's --images is now --image-root (search's "
+                                                "--images, the folder searched, stays)"),
+              "seed_deprecated": ("--seed", "search --seed does nothing (a search draws nothing at random)")}
 
 
-def _option_flags(parser: argparse.ArgumentParser, options: dict) -> None:
-    """The flags of `options` (of EvalOptions), made as training's are, and where the model runs."""
+def _option_flags(parser: argparse.ArgumentParser, options: dict, deprecated: str | None = None) -> None:
+    """The flags of `options` (of EvalOptions), made as training's are, where the model runs, and the
+    `deprecated` flag of DEPRECATED the command still accepts."""
     add_flags(parser, options)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs (default: cuda when there is a GPU, else cpu)")
+    if deprecated:
+        flag, said = DEPRECATED[deprecated]
+        parser.add_argument(flag, dest=deprecated, default=argparse.SUPPRESS,
+                            help=f"deprecated, removed in the next release: {said}")
+
+
+def _options(args: argparse.Namespace) -> EvalOptions:
+    """The command's EvalOptions, a deprecated flag given warned about in one line (and --images taken)."""
+    values = vars(args)
+    for dest, (flag, said) in DEPRECATED.items():
+        if dest in values:
+            print(f"warning: {said}; {flag} goes in the next release", file=sys.stderr, flush=True)
+    if "images_deprecated" in values:
+        values.setdefault("image_root", values["images_deprecated"])
+    return section_from(EvalOptions, values)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,13 +69,13 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help=model_help)
     evaluate.add_argument("--task", required=True, help=" | ".join(TASKS))
     evaluate.add_argument("--output", help="results JSON file (zeroshot: the confusion matrix goes beside it)")
-    _option_flags(evaluate, EVAL_OPTIONS)
+    _option_flags(evaluate, EVAL_OPTIONS, "images_deprecated")
 
     comparison = commands.add_parser("compare")
     comparison.add_argument("--models", nargs="+", required=True, help=model_help)
     comparison.add_argument("--tasks", nargs="+", default=["zeroshot", "linear_probe"], help=" | ".join(TASKS))
     comparison.add_argument("--output-dir", required=True)
-    _option_flags(comparison, EVAL_OPTIONS)
+    _option_flags(comparison, EVAL_OPTIONS, "images_deprecated")
 
     finder = commands.add_parser("search")
     finder.add_argument("--model", required=True, help=model_help)
@@ -62,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     finder.add_argument("-k", type=int, default=9, help="how many images to return")
     finder.add_argument("--sheet", default="search.png", help="contact sheet PNG of the top k")
     finder.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the folder's embeddings are kept")
-    _option_flags(finder, SEARCH_OPTIONS)
+    _option_flags(finder, SEARCH_OPTIONS, "seed_deprecated")
 
     exporter = commands.add_parser("export")
     exporter.add_argument("--model", required=True, help="a run folder (its final/ export), an export directory "
@@ -75,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    options, device = section_from(EvalOptions, vars(args)), parse_device(args.device)
+    options, device = _options(args), parse_device(args.device)
     check_tasks([args.task])
     if args.output:
         check_output_file(args.output, "--output")
@@ -96,13 +118,13 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    compare(args.models, args.tasks, section_from(EvalOptions, vars(args)), args.output_dir,
+    compare(args.models, args.tasks, _options(args), args.output_dir,
             parse_device(args.device))
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
 
 
 def run_search(args: argparse.Namespace) -> None:
-    options, device = section_from(EvalOptions, vars(args)), parse_device(args.device)
+    options, device = _options(args), parse_device(args.device)
     check_search(args.query, args.k)
     check_sheet(args.sheet)
     model = load_eval_model(args.model, device)

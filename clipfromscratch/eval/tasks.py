@@ -53,8 +53,8 @@ class EvalOptions:
     num_workers: int = opt(0, "data loader worker processes", at_least=0)
     seed: int = opt(0, "seed for subsets, splits and k-means", at_least=0, at_most=2**32 - 1)
     download: bool = opt(False, "CIFAR: download into ROOT when missing (online)")
-    images: str | None = opt(None, "compositional: the folder the annotation file's image paths are relative to "
-                                   "(none: the file's folder)")
+    image_root: str | None = opt(None, "compositional: the folder the annotation file's image paths are relative "
+                                       "to (none: the file's folder)")
 
 
 @dataclass
@@ -172,7 +172,7 @@ def cluster(ev: Evaluation) -> TaskResult:
 
 def compositional(ev: Evaluation) -> TaskResult:
     o = ev.options
-    scored = score_items(ev.model, open_probes(o.data, o.images, o.num_samples, o.seed), o.batch_size)
+    scored = score_items(ev.model, open_probes(o.data, o.image_root, o.num_samples, o.seed), o.batch_size)
     return TaskResult({f"{name}/{k}": v for name, s in scored.items() for k, v in s.metrics.items()},
                       blocks={name: s.metrics for name, s in scored.items()},
                       failures={name: s.failures for name, s in scored.items()})
