@@ -20,7 +20,7 @@ from clipfromscratch.errors import CommandLineParser, UsageError, report
 from clipfromscratch.eval.compare import compare
 from clipfromscratch.eval.models import load_clip, load_eval_model, parse_device
 from clipfromscratch.eval.plots import confusion_matrices, failure_sheet, write_confusion_csv
-from clipfromscratch.eval.search import DEFAULT_CACHE_DIR, check_search, check_sheet, contact_sheet, search
+from clipfromscratch.eval.search import SearchOptions, check_query, check_sheet, contact_sheet, search
 from clipfromscratch.eval.tasks import TASKS, EvalOptions, Evaluation, check_tasks, run_task
 from clipfromscratch.formats import FORMATS, check_export_output, export_as
 from clipfromscratch.outputs import check_output_file, write_text_atomic
@@ -81,9 +81,7 @@ def parser() -> argparse.ArgumentParser:
     finder.add_argument("--model", required=True, help=model_help)
     finder.add_argument("--images", dest="folder", required=True, help="folder searched, with its subfolders")
     finder.add_argument("--query", required=True)
-    finder.add_argument("-k", type=int, default=9, help="how many images to return")
-    finder.add_argument("--sheet", default="search.png", help="contact sheet PNG of the top k")
-    finder.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the folder's embeddings are kept")
+    add_flags(finder, options_of([SearchOptions]), short_flags={"k": "-k"})
     _option_flags(finder, SEARCH_OPTIONS, "seed_deprecated")
 
     exporter = commands.add_parser("export")
@@ -125,12 +123,13 @@ def run_compare(args: argparse.Namespace) -> None:
 
 def run_search(args: argparse.Namespace) -> None:
     options, device = _options(args), parse_device(args.device)
-    check_search(args.query, args.k)
-    check_sheet(args.sheet)
+    found = section_from(SearchOptions, vars(args))
+    check_query(args.query)
+    check_sheet(found.sheet)
     model = load_eval_model(args.model, device)
-    hits = search(model, args.folder, args.query, args.k, args.cache_dir, options.batch_size, options.num_workers)
+    hits = search(model, args.folder, args.query, found.k, found.cache_dir, options.batch_size, options.num_workers)
     print(json.dumps(hits, indent=2), flush=True)  # the ranking first: it is the answer, the sheet shows it
-    contact_sheet(hits, args.query, args.sheet)
+    contact_sheet(hits, args.query, found.sheet)
 
 
 def run_export(args: argparse.Namespace) -> None:

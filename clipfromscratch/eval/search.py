@@ -11,10 +11,12 @@ import logging
 import math
 import os
 import pickle
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
 
+from clipfromscratch.config import opt
 from clipfromscratch.data.samples import IMAGE_EXTENSIONS, open_rgb
 from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.data import ImageFiles
@@ -40,12 +42,20 @@ def list_images(directory: str) -> list[str]:
     return paths
 
 
-def check_search(query: str, k: int) -> None:
-    """A query with words in it and at least one image asked for, else a one-line UsageError."""
+@dataclass
+class SearchOptions:
+    """What `search` reads besides the model, the folder and the query: flags made and checked by
+    clipfromscratch.config."""
+
+    k: int = opt(9, "how many images to return", at_least=1)
+    sheet: str = opt("search.png", "contact sheet of the top k (PNG, JPEG, ...: by its suffix)")
+    cache_dir: str = opt(DEFAULT_CACHE_DIR, "where the folder's embeddings are kept")
+
+
+def check_query(query: str) -> None:
+    """A query with words in it, else a one-line UsageError."""
     if not query.strip():
         raise UsageError("--query is empty: give the words to search for")
-    if k < 1:
-        raise UsageError(f"-k must be at least 1, got {k}")
 
 
 def check_sheet(path: str) -> None:
@@ -120,7 +130,9 @@ def folder_embeddings(model: EvalModel, directory: str, cache_dir: str = DEFAULT
 def search(model: EvalModel, directory: str, query: str, k: int = 9, cache_dir: str = DEFAULT_CACHE_DIR,
            batch_size: int = 64, num_workers: int = 0) -> list[dict]:
     """The k images most similar to `query`, best first: [{"rank", "path", "score" (cosine)}]."""
-    check_search(query, k)
+    check_query(query)
+    if k < 1:  # the command's -k is checked with its flag; a caller of this function may pass anything
+        raise UsageError(f"k is {k}: ask for at least 1 image")
     paths, features = folder_embeddings(model, directory, cache_dir, batch_size, num_workers)
     scores = features @ encode_texts(model, [query])[0]
     top = scores.topk(min(k, len(paths)))
