@@ -169,7 +169,8 @@ def test_our_open_clip_export_comes_back_through_init(tmp_path):
 
 @pytest.mark.parametrize("init, message", [
     ("laion:ViT-B-32", "write openai:"),
-    ("openai:/no/such/folder", "no transformers CLIP model there"),
+    ("openai:/no/such/folder", "folder not found"),
+    ("openai:" + os.path.dirname(__file__), "no config.json there"),
     ("openclip:ViT-B-32", "write --init openclip:<arch>/<pretrained tag or file>"),
 ])
 def test_a_bad_init_is_one_line(init, message):

@@ -13,6 +13,7 @@ any weights); `published_model` builds the model and copies the weights in.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import replace
 
@@ -45,6 +46,11 @@ def _fields(config) -> dict:
 
 
 def _openai_config(source: str) -> CLIPConfig:
+    if source.startswith((".", "/", "~")) and not os.path.isdir(source):
+        raise UsageError(f"--init openai:{source}: folder not found")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        # transformers would take the folder for a default CLIP and go on
+        raise UsageError(f"--init openai:{source}: no config.json there, so no transformers CLIP model")
     try:
         return CLIPConfig.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - a missing, damaged or foreign config, in transformers' words
@@ -99,11 +105,14 @@ def _from_transformers_clip(config: ModelConfig, published: CLIPModel, tokenizer
 def _load_open_clip(source: str):
     open_clip = import_open_clip()
     name, pretrained = open_clip_name(source, "--init openclip:")
+    logging.disable(logging.ERROR)  # open_clip logs a failure before raising it: said once, below
     try:
         model = open_clip.create_model(name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # noqa: BLE001 - open_clip and the libraries under it fail in their own ways
         raise UsageError(f"--init openclip:{source}: {error_summary(err)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     return model, tokenizer
 
 
