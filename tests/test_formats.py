@@ -212,7 +212,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_fine_tuning_an_openai_clip_under_ddp_with_locks_layer_decay_and_ema(tmp_path, openai_clip_dir):
     """`--init openai:` as users run it: 2 gloo ranks, the text tower locked but its last layer, layer decay and EMA,
-    resumed, then exported to both other formats' loaders."""
+    resumed, compared with the model it started from, then exported to transformers and loaded back."""
     import subprocess
     import sys
 
@@ -239,6 +239,11 @@ def test_fine_tuning_an_openai_clip_under_ddp_with_locks_layer_decay_and_ema(tmp
                                published.text_model.embeddings.token_embedding.weight)  # locked
     assert not torch.equal(trained.image_head.weight, published.visual_projection.weight)  # trained
 
+    # the fine-tuned model beside the one it started from, as a baseline
+    assert command(["compare", "--models", str(run / "final"), f"openai:{openai_clip_dir}", "--tasks", "zeroshot",
+                    "--data", "synthetic", "--label", "colour", "--num-samples", "40",
+                    "--output-dir", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.md").is_file()
     assert command(["export", "--model", str(run), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
     hf_model = AutoModel.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
     pixels = _pixels(trained)
