@@ -141,7 +141,7 @@ def train(config: TrainConfig) -> dict[str, float]:
     output_dir, ckpt_path, stamped = run_folder.plan(config.run.output_dir, config.run.run_name, config.run.resume,
                                                      f"{config.model.image_encoder}-{config.model.text_encoder}")
     checkpoint = None if ckpt_path is None else read_checkpoint(ckpt_path)
-    if config.model.init:
+    if config.model.init and checkpoint is None:  # a resumed run's config.yaml holds the architecture already
         config = replace(config, model=architecture(config.model))
     config = replace(config, model=resolve_image_size(config.model),
                      run=replace(config.run, output_dir=output_dir,

@@ -7,8 +7,9 @@
   Hugging Face text tower (what `clipfromscratch export --format open_clip` writes) become the same timm and
   transformers towers. Other towers are refused in one line.
 
-`architecture` reads only configs (every rank, and a resumed run, needs the model's shape and image size before
-any weights); `published_model` builds the model and copies the weights in.
+`architecture` gives the model's shape and image size, which every rank needs before its data (from configs alone
+for `openai:`; open_clip's configs live in its code, so the model is built); `published_model` builds our model and
+copies the weights in. A resumed run reads neither: its config.yaml and checkpoint hold all of it.
 """
 from __future__ import annotations
 
