@@ -214,12 +214,11 @@ def test_fine_tuning_an_openai_clip_under_ddp_with_locks_layer_decay_and_ema(tmp
     """`--init openai:` as users run it: 2 gloo ranks, the text tower locked but its last layer, layer decay and EMA,
     resumed (without the source), compared with the model it started from, then exported to transformers and
     loaded back."""
+    import shutil
     import subprocess
     import sys
 
     from transformers import AutoModel
-
-    import shutil
 
     run, source = tmp_path / "run", tmp_path / "source"
     shutil.copytree(openai_clip_dir, source)
