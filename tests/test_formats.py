@@ -2,6 +2,9 @@
 embeddings (max abs difference under 1e-4 in fp32) and temperature; what a format cannot hold is one line."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from test_eval_models import save_tiny_openai
-from transformers import CLIPModel
+from transformers import AutoModel, CLIPModel
 
 from clipfromscratch import load_model
 from clipfromscratch.config import ModelConfig
@@ -214,12 +217,6 @@ def test_fine_tuning_an_openai_clip_under_ddp_with_locks_layer_decay_and_ema(tmp
     """`--init openai:` as users run it: 2 gloo ranks, the text tower locked but its last layer, layer decay and EMA,
     resumed (without the source), compared with the model it started from, then exported to transformers and
     loaded back."""
-    import shutil
-    import subprocess
-    import sys
-
-    from transformers import AutoModel
-
     run, source = tmp_path / "run", tmp_path / "source"
     shutil.copytree(openai_clip_dir, source)
     flags = ["--init", f"openai:{source}", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
