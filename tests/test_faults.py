@@ -104,6 +104,7 @@ def paths(tmp_path_factory) -> dict[str, str]:
 EVAL = ["eval", "--task", "retrieval", "--num-samples", "8", "--model"]
 DCSM = ["train-dcsm", "--model", "{ours}", "--max-steps", "2", "--eval-items", "4"]
 SEARCH = ["search", "--images", "{photos}", "--cache-dir", "{root}/cache", "--model"]
+EXPORT = ["export", "--format", "hf", "--model"]
 
 
 def nothing_ran(out: str, files: dict) -> None:
@@ -193,6 +194,21 @@ COMMANDS = [
      "is damaged or incomplete", nothing_ran),
     ("dcsm-data-not-a-tar", [*DCSM, "--output", "{root}/head", "--data", "{not_a_tar}"], "no readable shards",
      nothing_ran),
+    # export: every location checked before the model is read; a model a format cannot hold leaves nothing
+    ("export-output-unwritable", [*EXPORT, "{ours}", "--output", "{unwritable}/hf"], "cannot write there",
+     nothing_ran),
+    ("export-output-is-a-file", [*EXPORT, "{ours}", "--output", "{a_file}"], "is a file: give a folder", file_kept),
+    ("export-output-holds-other-files", [*EXPORT, "{ours}", "--output", "{other}"], "exists and is not empty",
+     other_files_kept),
+    ("export-model-missing", [*EXPORT, "{root}/no-such-run", "--output", "{root}/hf"], "unknown model", nothing_ran),
+    ("export-weights-truncated", [*EXPORT, "{truncated_weights}", "--output", "{root}/hf"], "is damaged or incomplete",
+     nothing_ran),
+    ("export-checkpoint-garbage", [*EXPORT, "{garbage_ckpt}", "--output", "{root}/hf"], "cannot read checkpoint",
+     nothing_ran),
+    ("export-format-unknown", ["export", "--model", "{ours}", "--format", "onnx", "--output", "{root}/x"],
+     "invalid choice: 'onnx'", nothing_ran),
+    ("export-open-clip-cannot-hold-it", ["export", "--model", "{ours}", "--format", "open_clip", "--output",
+                                         "{root}/oc"], "tiny vit preset is built with timm arguments", nothing_ran),
 ]
 
 
