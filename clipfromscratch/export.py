@@ -6,6 +6,7 @@ UsageError naming the file and what is wrong with it.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -61,6 +62,13 @@ def check_safetensors(path: str) -> None:
             pass
     except SafetensorError as err:
         raise UsageError(f"{path} is damaged or incomplete: {first_line(err)}") from None
+
+
+def check_safetensors_in(directory: str) -> None:
+    """Every safetensors file of a model folder another library will read, checked here so that a damaged one is
+    named in one line, not in that library's words."""
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.safetensors")):
+        check_safetensors(path)
 
 
 def load_weights(module: torch.nn.Module, path: str, device: str | torch.device = "cpu") -> None:

@@ -6,7 +6,6 @@ A model SPEC is an export directory or a Lightning `.ckpt` of ours, `openai:<hub
 """
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from clipfromscratch.dcsm import DenseScorer
 from clipfromscratch.errors import UsageError, error_summary, first_line
 from clipfromscratch.export import (
     HEAD_CONFIG,
-    check_safetensors,
+    check_safetensors_in,
     load_head_beside,
     load_model,
     load_state_dict,
@@ -103,8 +102,7 @@ def load_ours(path: str, device: torch.device) -> EvalModel:
 
 def load_openai(source: str, device: torch.device) -> EvalModel:
     """OpenAI CLIP (or any CLIPModel) through transformers, with the processor saved beside it."""
-    for weights in glob.glob(os.path.join(glob.escape(source), "*.safetensors")):
-        check_safetensors(weights)  # a damaged file named here, not in transformers' words
+    check_safetensors_in(source)
     try:
         model = CLIPModel.from_pretrained(source).to(device).eval()
         processor = CLIPProcessor.from_pretrained(source)

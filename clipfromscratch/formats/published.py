@@ -7,13 +7,12 @@
   Hugging Face text tower (what `clipfromscratch export --format open_clip` writes) become the same timm and
   transformers towers. Other towers are refused in one line.
 
-`architecture` gives the model's shape and image size, which every rank needs before its data (from configs alone
-for `openai:`; open_clip's configs live in its code, so the model is built); `published_model` builds our model and
-copies the weights in. A resumed run reads neither: its config.yaml and checkpoint hold all of it.
+`architecture` gives the model's shape and image size, which every rank needs before its data (from configs, no
+weights read; open_clip's configs live in its code, so its model is built without them); `published_model` builds
+our model and copies the weights in. A resumed run reads neither: its config.yaml and checkpoint hold all of it.
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from dataclasses import replace
@@ -24,7 +23,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from clipfromscratch.config import ModelConfig
 from clipfromscratch.errors import UsageError, error_summary, first_line
-from clipfromscratch.export import check_safetensors
+from clipfromscratch.export import check_safetensors_in
 from clipfromscratch.formats import native_clip
 from clipfromscratch.formats.open_clip import import_open_clip, open_clip_name
 from clipfromscratch.model import CLIP, build_model
@@ -80,8 +79,7 @@ def _clip_architecture(config: ModelConfig, clip_config: CLIPConfig, mean, std, 
 
 
 def _openai_model(config: ModelConfig, source: str) -> CLIP:
-    for weights in glob.glob(os.path.join(glob.escape(source), "*.safetensors")):
-        check_safetensors(weights)  # a damaged file named here, not in transformers' words
+    check_safetensors_in(source)
     try:
         published = CLIPModel.from_pretrained(source)
     except Exception as err:  # noqa: BLE001
@@ -103,12 +101,16 @@ def _from_transformers_clip(config: ModelConfig, published: CLIPModel, tokenizer
     return model
 
 
-def _load_open_clip(source: str):
+def _load_open_clip(source: str, weights: bool):
+    """The open_clip model and tokenizer `source` names; without `weights`, its architecture alone (the file is
+    neither read nor loaded, but a tag's preprocessing, which the model carries, is still the tag's)."""
     open_clip = import_open_clip()
     name, pretrained = open_clip_name(source, "--init openclip:")
     logging.disable(logging.ERROR)  # open_clip logs a failure before raising it: said once, below
     try:
-        model = open_clip.create_model(name, pretrained=pretrained)
+        # without its weights, open_clip would fetch a published text or image tower in their place: none either
+        model = open_clip.create_model(name, pretrained=pretrained, load_weights=weights, pretrained_image=weights,
+                                       pretrained_text=weights)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # noqa: BLE001 - open_clip and the libraries under it fail in their own ways
         raise UsageError(f"--init openclip:{source}: {error_summary(err)}") from None
@@ -135,10 +137,11 @@ def _open_clip_towers(model) -> tuple:
     return visual, text
 
 
-def _open_clip_architecture(config: ModelConfig, source: str):
-    """(architecture, open_clip model, its tokenizer); for open_clip's own transformer towers, the model and
-    tokenizer converted to a transformers CLIPModel and tokenizer."""
-    model, tokenizer = _load_open_clip(source)
+def _open_clip_architecture(config: ModelConfig, source: str, weights: bool):
+    """(architecture, open_clip model, its tokenizer), the model with its published weights if `weights`; for
+    open_clip's own transformer towers, the model and tokenizer converted to a transformers CLIPModel and
+    tokenizer."""
+    model, tokenizer = _load_open_clip(source, weights)
     if native_clip.is_native(model):
         published, hf_tokenizer = native_clip.to_transformers(model, tokenizer)
         return _clip_architecture(config, published.config, model.visual.image_mean, model.visual.image_std,
@@ -158,11 +161,11 @@ def _open_clip_architecture(config: ModelConfig, source: str):
 
 
 def architecture(config: ModelConfig) -> ModelConfig:
-    """`config` with the architecture of the model `config.init` names (configs only, no weights for openai:)."""
+    """`config` with the architecture of the model `config.init` names (its configs; no weights are read)."""
     family, source = _family_and_source(config.init)
     if family == "openai":
         return _openai_architecture(config, source)
-    return _open_clip_architecture(config, source)[0]
+    return _open_clip_architecture(config, source, weights=False)[0]
 
 
 def published_model(config: ModelConfig) -> CLIP:
@@ -170,7 +173,7 @@ def published_model(config: ModelConfig) -> CLIP:
     family, source = _family_and_source(config.init)
     if family == "openai":
         return _openai_model(config, source)
-    _, theirs, tokenizer = _open_clip_architecture(config, source)
+    _, theirs, tokenizer = _open_clip_architecture(config, source, weights=True)
     if isinstance(theirs, CLIPModel):
         return _from_transformers_clip(config, theirs, tokenizer)
     visual, text = _open_clip_towers(theirs)
