@@ -169,7 +169,9 @@ class RunConfig:
                            ("auto", "cpu", "gpu", "cuda", "mps"))
     devices: str = opt("auto", "devices per node: a number (-1: all GPUs, or one process per CPU core), a list of "
                                "GPUs like 0,1, or auto (every GPU, or one CPU process)")
-    strategy: str = opt("auto", "auto (one device: none; several: ddp) or ddp", ("auto", "ddp"))
+    strategy: str = opt("auto", "auto (one device: none; several: ddp), ddp, or fsdp (parameters, gradients and "
+                                "optimizer state sharded over all ranks: FSDP2, through Lightning's "
+                                "ModelParallelStrategy)", ("auto", "ddp", "fsdp"))
     num_nodes: int = opt(1, "machines in the job", at_least=1)
     ddp_timeout_s: int = opt(600, "several ranks: seconds a rank waits for the others in a collective before the "
                                   "run stops (a dead or stuck rank ends the job instead of hanging it)", at_least=1)
@@ -225,6 +227,9 @@ class TrainConfig:
         if self.run.logger == "tensorboard" and not any(importlib.util.find_spec(m) for m in TENSORBOARD_MODULES):
             raise UsageError("--logger tensorboard needs the tensorboard package: pip install "
                              "'clipfromscratch[tensorboard]' (or use --logger csv or wandb)")
+        if self.run.strategy == "fsdp" and self.optim.ema_decay is not None:
+            raise UsageError("--ema-decay with --strategy fsdp: the average would keep whole weights on every rank, "
+                             "which sharding is there to avoid (FSDP cannot copy its sharded model either)")
         if self.data.dataset_resampled and self.data.train_num_samples is None:
             raise UsageError("--dataset-resampled needs --train-num-samples (the samples in one epoch)")
         parse_devices(self.run.devices)

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pytorch_lightning.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from clipfromscratch.config import OptimConfig
 from clipfromscratch.errors import UsageError
 from clipfromscratch.eval.retrieval import first_occurrences, retrieval_recall
 from clipfromscratch.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
-from clipfromscratch.export import checkpoint_entries
+from clipfromscratch.export import checkpoint_entries, load_state_dict, rebuild_model
 from clipfromscratch.model import CLIP
 from clipfromscratch.objectives import OBJECTIVES
 from clipfromscratch.text_tokenizers import tokenizer_fingerprint
@@ -27,6 +32,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all of `grads`, a plain tensor: under FSDP some are shards (DTensors, whose norm is gathered
+    over the ranks) and some whole on every rank (the scale and bias)."""
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    parts = [torch.nn.utils.get_total_norm([g for g in grads if not isinstance(g, DTensor)])]
+    if sharded:
+        parts.append(torch.nn.utils.get_total_norm(sharded).full_tensor())
+    return torch.linalg.vector_norm(torch.stack(parts))
 
 
 def gather_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,6 +76,45 @@ class CLIPModule(pl.LightningModule):
         # (steps whose gradient was NaN or inf, the first such step, -1 if none)
         self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None
         self._nonfinite_seen = 0
+        self._unsharded: list[torch.nn.Parameter] | None = None  # under FSDP: the parameters left whole on every rank
+
+    def configure_model(self) -> None:
+        """Under --strategy fsdp (Lightning's ModelParallelStrategy, FSDP2): each tower, then the rest of the model
+        (the heads), sharded over every rank. The learned scale and bias are single numbers, which FSDP2 does not
+        shard: every rank holds them whole, and their gradients are averaged over ranks before each step
+        (`_average_unsharded_gradients`). The encode_* methods, not `forward`, are what the steps call, so FSDP is
+        told to gather the parameters for them too."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or self._unsharded is not None:
+            return
+        mesh, model = self.device_mesh["data_parallel"], self.model
+        self._unsharded = [p for p in (model.log_logit_scale, model.logit_bias) if p is not None]
+        for tower in (model.image_tower, model.text_tower):
+            fully_shard(tower, mesh=mesh)
+        fully_shard(model, mesh=mesh, ignored_params=set(self._unsharded))
+        for method in ("encode_image", "encode_tokens", "encode_text", "encode_image_tokens", "encode_text_tokens"):
+            register_fsdp_forward_method(model, method)
+
+    def whole_model(self) -> CLIP | None:
+        """The model with whole weights, for the export. Under FSDP every rank must call this: the shards are
+        gathered onto rank 0, which gets a copy of the model holding them (the other ranks get None)."""
+        if self._unsharded is None:
+            return self.model
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank != 0:
+            return None
+        model = self.model
+        whole = rebuild_model(asdict(model.config), model.tokenizer, model.text_tower.architecture())
+        load_state_dict(whole, state, "the weights gathered from the FSDP shards")
+        return whole.eval()
+
+    def _average_unsharded_gradients(self) -> None:
+        if not self._unsharded or not dist.is_initialized():
+            return
+        world = dist.get_world_size()
+        for p in self._unsharded:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)  # a sum: gloo has no average
+                p.grad.div_(world)
 
     def on_fit_start(self) -> None:
         # a token id must mean the same word piece on every rank: the embedding table is one shared parameter
@@ -239,14 +293,17 @@ class CLIPModule(pl.LightningModule):
         its own step, as the fused AdamW does. Unscaling them here first is what the GradScaler allows: the
         step then finds them unscaled and leaves them. bf16 and fp32 have no scaler and nothing to undo.
         """
+        self._average_unsharded_gradients()
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not gradient_clip_val:
-            self._watch_nonfinite(optimizer, torch.nn.utils.get_total_norm([p.grad for p in params]))
+            self._watch_nonfinite(optimizer, total_norm([p.grad for p in params]))
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
-        self._watch_nonfinite(optimizer, torch.nn.utils.clip_grad_norm_(params, gradient_clip_val))
+        norm = total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        self._watch_nonfinite(optimizer, norm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint.update(checkpoint_entries(self.model))

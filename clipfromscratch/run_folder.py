@@ -20,23 +20,29 @@ from clipfromscratch.errors import UsageError
 from clipfromscratch.outputs import check_output_dir
 
 LAST_CKPT = "last.ckpt"
+SHARDED_CHECKPOINT_META = "meta.pt"  # what Lightning writes beside the shards of a distributed checkpoint
 LOCK_FILE = "run.lock"
 STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
 TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in every worker it (re)starts
 
 
+def is_checkpoint(path: str) -> bool:
+    """A checkpoint file, or the folder of a sharded (FSDP) one: a shard per rank and SHARDED_CHECKPOINT_META."""
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, SHARDED_CHECKPOINT_META))
+
+
 def checkpoints_in(folder: str) -> list[str]:
     """The checkpoints a run left in `folder` that it can continue from: last.ckpt and SLURM's hpc_ckpt_N.ckpt."""
     found = [os.path.join(folder, LAST_CKPT)] + glob.glob(os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt"))
-    return [path for path in found if os.path.isfile(path)]
+    return [path for path in found if is_checkpoint(path)]
 
 
 def resume_checkpoint(resume: str) -> str:
-    """A checkpoint file, or a run folder's newest: last.ckpt or the one SLURM pre-emption wrote (hpc_ckpt_N)."""
-    if not os.path.isdir(resume):
-        if not os.path.isfile(resume):
-            raise UsageError(f"no checkpoint to resume from: {resume}")
+    """A checkpoint, or a run folder's newest: last.ckpt or the one SLURM pre-emption wrote (hpc_ckpt_N)."""
+    if is_checkpoint(resume):
         return resume
+    if not os.path.isdir(resume):
+        raise UsageError(f"no checkpoint to resume from: {resume}")
     found = checkpoints_in(resume)
     if not found:
         raise UsageError(f"no checkpoint to resume from in {resume} (no {LAST_CKPT} or hpc_ckpt_*.ckpt)")

@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from clipfromscratch.callbacks import CheckpointOnSigterm, ExponentialMovingAverage, ProgressLines, StepProgressBar
@@ -115,9 +115,13 @@ def build_trainer(config: TrainConfig, output_dir: str) -> pl.Trainer:
     devices = resolve_devices(run.devices, run.accelerator)
     strategy = run.strategy
     ranks = (len(devices) if isinstance(devices, list) else devices) * run.num_nodes
-    if strategy == "ddp" or ranks > 1:
-        # a rank that waits longer than this for the others in a collective (a dead or stuck rank) ends the run
-        strategy = DDPStrategy(timeout=timedelta(seconds=run.ddp_timeout_s))
+    # a rank that waits longer than this for the others in a collective (a dead or stuck rank) ends the run
+    timeout = timedelta(seconds=run.ddp_timeout_s)
+    if strategy == "fsdp":
+        # every rank a data-parallel shard: by default the strategy would split a node's ranks into tensor parallelism
+        strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1, timeout=timeout)
+    elif strategy == "ddp" or ranks > 1:
+        strategy = DDPStrategy(timeout=timeout)
     try:
         return pl.Trainer(
             accelerator=run.accelerator, devices=devices, strategy=strategy, num_nodes=run.num_nodes,

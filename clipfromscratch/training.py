@@ -97,10 +97,11 @@ def _report(trainer: pl.Trainer, module: CLIPModule, data: CaptionDataModule, co
     if config.data.validation_data:
         results = trainer.validate(module, datamodule=data, verbose=False)[0]
         metrics = {k.removeprefix("val/"): round(v, 4) for k, v in results.items() if k != MONITOR}
+    whole = module.whole_model()  # under FSDP, every rank hands rank 0 its shards
     if trainer.is_global_zero:
         write_text_atomic(os.path.join(output_dir, "metrics.json"),
                           json.dumps({"step": trainer.global_step, **metrics}, indent=2))
-        export_model(module.model, os.path.join(output_dir, "final"))
+        export_model(whole, os.path.join(output_dir, "final"))
         print(f"\nrun: {output_dir}  steps: {trainer.global_step}  "
               f"training throughput: {samples_per_s:.0f} samples/s (validation included)")
         for name, value in metrics.items():

@@ -13,7 +13,8 @@ from clipfromscratch.text_tokenizers import make_tokenizer
 ROOT = os.path.dirname(os.path.dirname(__file__))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 # the timm and transformers classes a tower name builds (text: and how it pools)
-IMAGE_BACKBONES = {"resnet": "ResNet", "vit": "VisionTransformer", "xception": "XceptionAligned"}
+IMAGE_BACKBONES = {"resnet": "ResNet", "vit": "VisionTransformer", "xception": "XceptionAligned",
+                   "vit_large_patch14_clip_224": "VisionTransformer"}  # a timm name: built at its own size
 TEXT_BACKBONES = {"bert": ("BertModel", "cls"), "gpt2": ("GPT2Model", "last")}
 
 

@@ -33,9 +33,13 @@ def test_torchrun_template_launches_valid_options(tmp_path, stand_in):
     subprocess.run(["bash", "configs/cluster/torchrun.sh", RECIPE, "--batch-size", "128"], cwd=REPO, env=env,
                    check=True, timeout=60)
     config = load_config(_launched(tmp_path, "torchrun"))
-    assert (config.run.devices, config.run.num_nodes, config.run.strategy) == ("8", 2, "ddp")
+    # the recipe's strategy stands (none named: DDP over the 16 ranks)
+    assert (config.run.devices, config.run.num_nodes, config.run.strategy) == ("8", 2, "auto")
     assert config.run.precision == "bf16-mixed" and config.data.batch_size == 128
     assert config.run.output_dir == "checkpoints/coco_xception_bert"  # the same folder on every node
+    subprocess.run(["bash", "configs/cluster/torchrun.sh", os.path.join(REPO, "configs", "large_fsdp.yaml")],
+                   cwd=REPO, env=env, check=True, timeout=60)
+    assert load_config(_launched(tmp_path, "torchrun")).run.strategy == "fsdp"
 
 
 @pytest.mark.parametrize("requeued", [False, True])

@@ -17,5 +17,5 @@ RUN=${RUN:-checkpoints/$(basename "$RECIPE" .yaml)}
 torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "${NODE_RANK:?}" \
   --max-restarts "${MAX_RESTARTS:-0}" \
   --master-addr "${MASTER_ADDR:?}" --master-port "${MASTER_PORT:-29500}" \
-  train.py --config "$RECIPE" --accelerator gpu --devices "$GPUS_PER_NODE" --num-nodes "$NNODES" --strategy ddp \
+  train.py --config "$RECIPE" --accelerator gpu --devices "$GPUS_PER_NODE" --num-nodes "$NNODES" \
   --precision bf16-mixed --output-dir "$RUN" "$@"
