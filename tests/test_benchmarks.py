@@ -27,7 +27,7 @@ def test_gpu_check_runs_every_recipe_and_its_resume_then_the_throughput(tmp_path
     result = _run("gpu_check.py", ["--smoke", "--output", str(tmp_path)], monkeypatch, capfd)
     recipes = {r["recipe"]: r for r in result["recipes"]}
     assert set(recipes) == {"coco_xception_bert", "demo_cpu", "fashion_resnet_bert", "fashion_vit_bert",
-                            "fashion_vit_gpt2"}
+                            "fashion_vit_gpt2", "large_fsdp"}
     for name, r in recipes.items():
         assert (r["exit_code"], r["resume_exit_code"], r["resumed_to_step"], r["exported"]) == (0, 0, 8, True), r
         assert r["precision"] == ("32-true" if name == "demo_cpu" else "bf16-mixed")  # auto is fp32 on a CPU
