@@ -197,6 +197,7 @@ def main(argv: list[str]) -> int:
                   ".*`IterableDataset` has `__len__` defined.*"):
         warnings.filterwarnings("ignore", noise)
     transformers_logging.disable_progress_bar()  # bars for reading published weights from disk (--init)
+    launcher_port = os.environ.get("MASTER_PORT")
     try:
         train(load_config(argv))
     except UsageError as err:
@@ -209,4 +210,11 @@ def main(argv: list[str]) -> int:
         return 1
     except SIGTERMException:
         return SIGTERM_EXIT
+    if dist.is_available() and dist.is_initialized():
+        # Lightning leaves the process group of --strategy fsdp standing, its store listening on the port it chose
+        # and wrote to MASTER_PORT: a caller that goes on in this process (a notebook, a test) would keep both, and
+        # a run it starts next would be handed that port, which it cannot listen on
+        dist.destroy_process_group()
+        if launcher_port is None:
+            os.environ.pop("MASTER_PORT", None)
     return 0
