@@ -44,6 +44,25 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(parts))
 
 
+def repeated_blocks(tower: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks a tower repeats, whatever the library calls them (timm's `blocks` and `stages`, transformers'
+    `encoder.layer` and `h`): the members of every list of two or more modules of one class that hold
+    parameters, inner lists before the lists holding them (a stage's blocks, then the stages), as FSDP wraps."""
+    blocks: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+            members = list(child.children())
+            if (isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(members) > 1
+                    and len({type(m) for m in members}) == 1
+                    and all(any(True for _ in m.parameters()) for m in members)):
+                blocks.extend(members)
+
+    visit(tower)
+    return blocks
+
+
 def gather_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """(world, ...): every rank's `tensor` (of one shape on all), without gradient. torch.distributed's own
     all_gather: Lightning's `all_gather` goes through a deprecated autograd function."""
@@ -79,8 +98,9 @@ class CLIPModule(pl.LightningModule):
         self._unsharded: list[torch.nn.Parameter] | None = None  # under FSDP: the parameters left whole on every rank
 
     def configure_model(self) -> None:
-        """Under --strategy fsdp (Lightning's ModelParallelStrategy, FSDP2): each tower, then the rest of the model
-        (the heads), sharded over every rank. The learned scale and bias are single numbers, which FSDP2 does not
+        """Under --strategy fsdp (Lightning's ModelParallelStrategy, FSDP2): each block of each tower, then each
+        tower, then the rest of the model (the heads), sharded over every rank, so that a rank gathers whole
+        weights one block at a time. The learned scale and bias are single numbers, which FSDP2 does not
         shard: every rank holds them whole, and their gradients are averaged over ranks before each step
         (`_average_unsharded_gradients`). The encode_* methods, not `forward`, are what the steps call, so FSDP is
         told to gather the parameters for them too."""
@@ -89,6 +109,8 @@ class CLIPModule(pl.LightningModule):
         mesh, model = self.device_mesh["data_parallel"], self.model
         self._unsharded = [p for p in (model.log_logit_scale, model.logit_bias) if p is not None]
         for tower in (model.image_tower, model.text_tower):
+            for block in repeated_blocks(tower):
+                fully_shard(block, mesh=mesh)
             fully_shard(tower, mesh=mesh)
         fully_shard(model, mesh=mesh, ignored_params=set(self._unsharded))
         for method in ("encode_image", "encode_tokens", "encode_text", "encode_image_tokens", "encode_text_tokens"):

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from clipfromscratch.outputs import check_output_dir
 
 LAST_CKPT = "last.ckpt"
 SHARDED_CHECKPOINT_META = "meta.pt"  # what Lightning writes beside the shards of a distributed checkpoint
+# a sharded checkpoint moved aside while the one replacing it moves in (replace_sharded_checkpoint)
+REPLACED_SUFFIX = ".replaced"
 LOCK_FILE = "run.lock"
 STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
 TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in every worker it (re)starts
@@ -31,10 +34,31 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(path) or os.path.isfile(os.path.join(path, SHARDED_CHECKPOINT_META))
 
 
+def replace_sharded_checkpoint(new: str, path: str) -> None:
+    """Move the whole sharded checkpoint `new` to `path`. A folder cannot be renamed over a folder that holds
+    files, so the old one is moved aside first and removed last: wherever this stops, a whole checkpoint is left
+    under `path` or, between the two moves, under `path` + REPLACED_SUFFIX, which checkpoints_in finds."""
+    aside = path + REPLACED_SUFFIX
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, aside)
+    os.rename(new, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def checkpoints_in(folder: str) -> list[str]:
-    """The checkpoints a run left in `folder` that it can continue from: last.ckpt and SLURM's hpc_ckpt_N.ckpt."""
-    found = [os.path.join(folder, LAST_CKPT)] + glob.glob(os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt"))
-    return [path for path in found if is_checkpoint(path)]
+    """The checkpoints a run left in `folder` that it can continue from: last.ckpt and SLURM's hpc_ckpt_N.ckpt
+    (or, where a sharded one's replacement stopped half-way, the one moved aside)."""
+    pattern = os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt")
+    names = {os.path.join(folder, LAST_CKPT), *glob.glob(pattern),
+             *(path.removesuffix(REPLACED_SUFFIX) for path in glob.glob(pattern + REPLACED_SUFFIX))}
+    found = []
+    for path in sorted(names):
+        if is_checkpoint(path):
+            found.append(path)
+        elif is_checkpoint(path + REPLACED_SUFFIX):
+            found.append(path + REPLACED_SUFFIX)
+    return found
 
 
 def resume_checkpoint(resume: str) -> str:
@@ -46,7 +70,9 @@ def resume_checkpoint(resume: str) -> str:
     found = checkpoints_in(resume)
     if not found:
         raise UsageError(f"no checkpoint to resume from in {resume} (no {LAST_CKPT} or hpc_ckpt_*.ckpt)")
-    return max(found, key=os.path.getmtime)
+    # a sharded checkpoint's time is its meta.pt's, written last
+    return max(found, key=lambda path: os.path.getmtime(
+        path if os.path.isfile(path) else os.path.join(path, SHARDED_CHECKPOINT_META)))
 
 
 def plan(output_dir: str | None, run_name: str | None, resume: str | None, default_name: str

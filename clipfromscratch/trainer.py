@@ -3,6 +3,7 @@ its collective timeout, the logger, and the callbacks (checkpoints, progress, EM
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from datetime import timedelta
 
@@ -20,7 +21,7 @@ from clipfromscratch.errors import UsageError, first_line
 from clipfromscratch.eval.callback import ZeroShotCallback
 from clipfromscratch.eval.tasks import EvalOptions
 from clipfromscratch.lit_module import MONITOR
-from clipfromscratch.run_folder import LAST_CKPT
+from clipfromscratch.run_folder import LAST_CKPT, replace_sharded_checkpoint
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -110,6 +111,27 @@ def callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
     return chosen
 
 
+class ShardedDataParallel(ModelParallelStrategy):
+    """FSDP2 through Lightning, every rank a data-parallel shard (by default the strategy would split a node's
+    ranks into tensor parallelism). Its checkpoints are folders every rank writes a part of: written in place, a
+    run stopped in the middle of a save would leave old and new shards mixed, so a checkpoint is written beside
+    its name and moved there once every part is on disk."""
+
+    def __init__(self, ranks: int, timeout: timedelta):
+        super().__init__(data_parallel_size=ranks, tensor_parallel_size=1, timeout=timeout)
+
+    def save_checkpoint(self, checkpoint: dict, filepath: str, storage_options: object = None) -> None:
+        path = str(self.broadcast(str(filepath)))
+        partial = path + ".partial"
+        if self.is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)  # what a stopped save left
+        self.barrier("sharded checkpoint: partial folder cleared")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("sharded checkpoint: every rank's part written")
+        if self.is_global_zero:
+            replace_sharded_checkpoint(partial, path)
+
+
 def build_trainer(config: TrainConfig, output_dir: str) -> pl.Trainer:
     run, optim = config.run, config.optim
     devices = resolve_devices(run.devices, run.accelerator)
@@ -118,8 +140,7 @@ def build_trainer(config: TrainConfig, output_dir: str) -> pl.Trainer:
     # a rank that waits longer than this for the others in a collective (a dead or stuck rank) ends the run
     timeout = timedelta(seconds=run.ddp_timeout_s)
     if strategy == "fsdp":
-        # every rank a data-parallel shard: by default the strategy would split a node's ranks into tensor parallelism
-        strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1, timeout=timeout)
+        strategy = ShardedDataParallel(ranks, timeout)
     elif strategy == "ddp" or ranks > 1:
         strategy = DDPStrategy(timeout=timeout)
     try:

@@ -7,6 +7,7 @@ report (metrics.json, the export).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -194,27 +195,40 @@ def main(argv: list[str]) -> int:
                   # value, and the duplicates a DistributedSampler pads with are dropped by index (exactly once)
                   ".*sync_dist=True.*", ".*Using `DistributedSampler` with the dataloaders.*",
                   # streamed shards give every rank and worker an exact share (data/shards.py): the length holds
-                  ".*`IterableDataset` has `__len__` defined.*"):
+                  ".*`IterableDataset` has `__len__` defined.*",
+                  # --strategy fsdp: a tower's output is a view (a pooled CLS token, taken by indexing); FSDP2 warns
+                  # of in-place ops on it, and the heads read it without changing it
+                  ".*FSDP2-wrapped module .* returned a view tensor.*"):
         warnings.filterwarnings("ignore", noise)
     transformers_logging.disable_progress_bar()  # bars for reading published weights from disk (--init)
-    launcher_port = os.environ.get("MASTER_PORT")
-    try:
-        train(load_config(argv))
-    except UsageError as err:
-        return report(err)
-    except RanksLost as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except FloatingPointError as err:
-        print(f"error: {err}: lower --lr or set --gradient-clip-val", file=sys.stderr)
-        return 1
-    except SIGTERMException:
-        return SIGTERM_EXIT
-    if dist.is_available() and dist.is_initialized():
-        # Lightning leaves the process group of --strategy fsdp standing, its store listening on the port it chose
-        # and wrote to MASTER_PORT: a caller that goes on in this process (a notebook, a test) would keep both, and
-        # a run it starts next would be handed that port, which it cannot listen on
-        dist.destroy_process_group()
-        if launcher_port is None:
-            os.environ.pop("MASTER_PORT", None)
+    with _process_left_as_found():
+        try:
+            train(load_config(argv))
+        except UsageError as err:
+            return report(err)
+        except RanksLost as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
+        except FloatingPointError as err:
+            print(f"error: {err}: lower --lr or set --gradient-clip-val", file=sys.stderr)
+            return 1
+        except SIGTERMException:
+            return SIGTERM_EXIT
     return 0
+
+
+@contextlib.contextmanager
+def _process_left_as_found():
+    """A caller that goes on in this process (a notebook, a test, gpu_check) gets it back as it was. Lightning
+    writes the launch into os.environ (LOCAL_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT): left there, a multi-rank
+    run started next, even in a child process, takes itself for an already launched rank and waits for peers
+    that never come. And --strategy fsdp leaves its process group standing, its store listening on that port."""
+    environment = dict(os.environ)
+    group_was_ours = not (dist.is_available() and dist.is_initialized())
+    try:
+        yield
+    finally:
+        if group_was_ours and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
