@@ -4,6 +4,7 @@ number of ranks), and a whole export."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipfromscratch.cli import main
+from clipfromscratch.eval.models import load_clip
 from clipfromscratch.lit_module import repeated_blocks, total_norm
 from clipfromscratch.run_folder import SHARDED_CHECKPOINT_META, replace_sharded_checkpoint, resume_checkpoint
 
@@ -162,3 +164,19 @@ def test_a_sharded_checkpoint_is_replaced_whole(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"] and (last / SHARDED_CHECKPOINT_META).read_text() == "2"
     last.rename(tmp_path / "last.ckpt.replaced")  # as a save stopped half-way leaves it
     assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt.replaced")
+
+
+@pytest.mark.slow
+def test_eval_and_export_read_a_sharded_checkpoint_whole(runs, tmp_path, capsys):
+    """A sharded last.ckpt is a model spec like any checkpoint (its shards re-assembled in one process); a missing
+    shard is named in one line."""
+    sharded = load_clip(str(runs["fsdp"] / "last.ckpt"), torch.device("cpu")).state_dict()
+    final = load_file(str(runs["fsdp"] / "final" / "model.safetensors"))
+    assert sharded.keys() == final.keys() and all(torch.equal(sharded[k], final[k]) for k in final)
+    damaged = tmp_path / "last.ckpt"
+    shutil.copytree(runs["fsdp"] / "last.ckpt", damaged)
+    (damaged / "__1_0.distcp").unlink()
+    assert main(["export", "--model", str(damaged), "--format", "hf", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read the shards of checkpoint {damaged}") and "__1_0.distcp" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -7,13 +7,16 @@ A model SPEC is an export directory or a Lightning `.ckpt` of ours, `openai:<hub
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
+from torch.distributed.checkpoint import CheckpointException
 from transformers import BatchEncoding, CLIPModel, CLIPProcessor
 
 from clipfromscratch.dcsm import DenseScorer
@@ -30,6 +33,7 @@ from clipfromscratch.export import (
 from clipfromscratch.formats.open_clip import import_open_clip, open_clip_name
 from clipfromscratch.model import CLIP
 from clipfromscratch.objectives import OBJECTIVES
+from clipfromscratch.run_folder import is_checkpoint
 from clipfromscratch.text_tokenizers import tokenize
 
 
@@ -79,6 +83,9 @@ def load_checkpoint(path: str, device: torch.device) -> CLIP:
         model = model_from_checkpoint(checkpoint)
     except UsageError as err:
         raise UsageError(f"{err}: {path}") from None
+    if os.path.isdir(path):
+        load_sharded_weights(model, path)
+        return model.to(device).eval()
     state_dict = checkpoint.get("state_dict")
     if not isinstance(state_dict, dict):
         raise UsageError(f"no weights (state_dict) in checkpoint {path}")
@@ -86,12 +93,30 @@ def load_checkpoint(path: str, device: torch.device) -> CLIP:
     return model.to(device).eval()
 
 
+def load_sharded_weights(model: CLIP, path: str) -> None:
+    """The weights of a sharded (FSDP) checkpoint, read whole into `model` in this one process: torch's
+    distributed checkpoint re-assembles every rank's shards into the model's own tensors, no process group."""
+    state = {"state_dict": {f"model.{name}": tensor for name, tensor in model.state_dict().items()}}
+    try:
+        with warnings.catch_warnings():  # that it reads in one process, which is the point
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+    except CheckpointException as err:  # what failed, with its traceback, per rank: here the one rank, 0
+        cause = next(iter(err.failures.values()))[0]
+        detail = f": {first_line(cause)}" if str(cause).strip() else ""
+        raise UsageError(f"cannot read the shards of checkpoint {path} (damaged or incomplete): "
+                         f"{type(cause).__name__}{detail}") from None
+    except (RuntimeError, OSError, KeyError) as err:
+        raise UsageError(f"cannot read the shards of checkpoint {path} (damaged or incomplete): "
+                         f"{first_line(err)}") from None
+
+
 def load_clip(path: str, device: torch.device) -> CLIP:
     """Our model from an export directory or a Lightning checkpoint."""
-    if os.path.isfile(path) and path.endswith(".ckpt"):
+    if path.endswith(".ckpt") and is_checkpoint(path):  # a file, or the folder of a sharded one
         return load_checkpoint(path, device)
     if not os.path.isdir(path):
-        raise UsageError(f"unknown model '{path}': give an export directory, a .ckpt file, "
+        raise UsageError(f"unknown model '{path}': give an export directory, a .ckpt checkpoint, "
                          f"openai:<hub name or dir> or openclip:<arch>/<tag>")
     return load_model(path, device)
 
