@@ -23,7 +23,7 @@ from clipfromscratch.dcsm import DenseScorer
 from clipfromscratch.errors import UsageError, error_summary, first_line
 from clipfromscratch.model import CLIP, build_model
 from clipfromscratch.outputs import write_dir_atomic
-from clipfromscratch.run_folder import SHARDED_CHECKPOINT_META
+from clipfromscratch.run_folder import checkpoint_file
 from clipfromscratch.text_tokenizers import load_tokenizer, tokenizer_from_files, tokenizer_to_files
 
 WEIGHTS, CONFIG, TOKENIZER_DIR = "model.safetensors", "config.json", "tokenizer"
@@ -117,8 +117,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     Ours hold nothing else (the config as a dict, the tokenizer as JSON strings); a file that needs more is
     refused in one line, before anything in it runs.
     """
-    if os.path.isdir(path):  # a sharded (FSDP) checkpoint: its shards, and meta.pt with everything but the weights
-        path = os.path.join(path, SHARDED_CHECKPOINT_META)
+    path = checkpoint_file(path)  # of a sharded (FSDP) one: everything but the weights
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -95,10 +95,16 @@ def write_dir_atomic(directory: str, write: Callable[[str], None]) -> None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    old = None
-    if os.path.lexists(directory):
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".old")
-        os.rename(directory, os.path.join(old, "previous"))
-    os.rename(partial, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(partial, directory, aside=partial.removesuffix(".partial") + ".old")  # a name as unique as partial's
+
+
+def replace_dir(new: str, directory: str, aside: str) -> None:
+    """Put the finished folder `new` at `directory`. A folder cannot be renamed over one that holds files, so an
+    earlier `directory` is moved to `aside` first and removed only once the new one is in place: whenever this
+    stops, a whole folder is at `directory` or, between the two moves, at `aside`."""
+    replacing = os.path.lexists(directory)
+    if replacing:
+        os.rename(directory, aside)
+    os.rename(new, directory)
+    if replacing:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from clipfromscratch.errors import UsageError
-from clipfromscratch.outputs import check_output_dir
+from clipfromscratch.outputs import check_output_dir, replace_dir
 
 LAST_CKPT = "last.ckpt"
 SHARDED_CHECKPOINT_META = "meta.pt"  # what Lightning writes beside the shards of a distributed checkpoint
@@ -29,36 +29,34 @@ STAMP_ENV = "CLIPFROMSCRATCH_RUN_STAMP"
 TORCHRUN_RESTARTS_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in every worker it (re)starts
 
 
+def checkpoint_file(path: str) -> str:
+    """The file that holds a checkpoint's step, config and tokenizer: the checkpoint itself, or for the folder of a
+    sharded (FSDP) one, its SHARDED_CHECKPOINT_META (written last, beside a shard per rank)."""
+    return os.path.join(path, SHARDED_CHECKPOINT_META) if os.path.isdir(path) else path
+
+
 def is_checkpoint(path: str) -> bool:
-    """A checkpoint file, or the folder of a sharded (FSDP) one: a shard per rank and SHARDED_CHECKPOINT_META."""
-    return os.path.isfile(path) or os.path.isfile(os.path.join(path, SHARDED_CHECKPOINT_META))
+    """A checkpoint file, or the folder of a sharded (FSDP) one."""
+    return os.path.isfile(checkpoint_file(path))
 
 
 def replace_sharded_checkpoint(new: str, path: str) -> None:
-    """Move the whole sharded checkpoint `new` to `path`. A folder cannot be renamed over a folder that holds
-    files, so the old one is moved aside first and removed last: wherever this stops, a whole checkpoint is left
-    under `path` or, between the two moves, under `path` + REPLACED_SUFFIX, which checkpoints_in finds."""
+    """Move the whole sharded checkpoint `new` to `path`; between the two moves of `replace_dir` the old one is
+    at `path` + REPLACED_SUFFIX, where checkpoints_in finds it. What an earlier stop left there goes first: `new`
+    is whole."""
     aside = path + REPLACED_SUFFIX
     shutil.rmtree(aside, ignore_errors=True)
-    if os.path.exists(path):
-        os.rename(path, aside)
-    os.rename(new, path)
-    shutil.rmtree(aside, ignore_errors=True)
+    replace_dir(new, path, aside)
 
 
 def checkpoints_in(folder: str) -> list[str]:
-    """The checkpoints a run left in `folder` that it can continue from: last.ckpt and SLURM's hpc_ckpt_N.ckpt
-    (or, where a sharded one's replacement stopped half-way, the one moved aside)."""
-    pattern = os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt")
-    names = {os.path.join(folder, LAST_CKPT), *glob.glob(pattern),
-             *(path.removesuffix(REPLACED_SUFFIX) for path in glob.glob(pattern + REPLACED_SUFFIX))}
-    found = []
-    for path in sorted(names):
-        if is_checkpoint(path):
-            found.append(path)
-        elif is_checkpoint(path + REPLACED_SUFFIX):
-            found.append(path + REPLACED_SUFFIX)
-    return found
+    """The checkpoints a run left in `folder` that it can continue from: last.ckpt (or, where a sharded one's
+    replacement stopped half-way, the one moved aside) and SLURM's hpc_ckpt_N.ckpt (a new name each time)."""
+    last = os.path.join(folder, LAST_CKPT)
+    if not is_checkpoint(last):
+        last += REPLACED_SUFFIX
+    found = [last] + glob.glob(os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt"))
+    return [path for path in found if is_checkpoint(path)]
 
 
 def resume_checkpoint(resume: str) -> str:
@@ -70,9 +68,7 @@ def resume_checkpoint(resume: str) -> str:
     found = checkpoints_in(resume)
     if not found:
         raise UsageError(f"no checkpoint to resume from in {resume} (no {LAST_CKPT} or hpc_ckpt_*.ckpt)")
-    # a sharded checkpoint's time is its meta.pt's, written last
-    return max(found, key=lambda path: os.path.getmtime(
-        path if os.path.isfile(path) else os.path.join(path, SHARDED_CHECKPOINT_META)))
+    return max(found, key=lambda path: os.path.getmtime(checkpoint_file(path)))
 
 
 def plan(output_dir: str | None, run_name: str | None, resume: str | None, default_name: str
