@@ -130,13 +130,14 @@ class CLIPModule(pl.LightningModule):
         return whole.eval()
 
     def _average_unsharded_gradients(self) -> None:
-        if not self._unsharded or not dist.is_initialized():
+        """One collective a step for all of them (they are single numbers)."""
+        grads = [p.grad for p in self._unsharded or () if p.grad is not None]
+        if not grads or not dist.is_initialized():
             return
-        world = dist.get_world_size()
-        for p in self._unsharded:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)  # a sum: gloo has no average
-                p.grad.div_(world)
+        summed = torch.stack(grads)
+        dist.all_reduce(summed)  # a sum: gloo has no average
+        for grad, total in zip(grads, summed / dist.get_world_size()):
+            grad.copy_(total)
 
     def on_fit_start(self) -> None:
         # a token id must mean the same word piece on every rank: the embedding table is one shared parameter
