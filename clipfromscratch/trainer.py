@@ -87,7 +87,7 @@ def callbacks(config: TrainConfig, output_dir: str) -> list[Callback]:
         # last.ckpt on a step clock of its own, so a killed run resumes from at most that many steps back
         ModelCheckpoint(dirpath=output_dir, every_n_train_steps=run.checkpoint_every_n_steps, save_top_k=0,
                         save_last=True),
-        CheckpointOnSigterm(os.path.join(output_dir, LAST_CKPT)),
+        CheckpointOnSigterm(os.path.join(output_dir, LAST_CKPT), run.log_every_n_steps),
         # no ThroughputMonitor: it synchronises the GPU at every step; samples/s are in the progress lines and
         # the run's report
         LearningRateMonitor(logging_interval="step"),

@@ -1,4 +1,5 @@
 """Runs that lose nothing: kill -9 then --resume, checkpoints that a crash mid-save cannot corrupt, NaN losses."""
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 
 from clipfromscratch.cli import main
 from clipfromscratch.objectives import OBJECTIVES
-from clipfromscratch.run_folder import resume_checkpoint
+from clipfromscratch.run_folder import checkpoint_file, checkpoints_in, resume_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "32", "--batch-size", "16", "--embed-dim", "32", "--num-workers", "0",
@@ -70,6 +71,37 @@ def test_sigterm_saves_the_step_it_stopped_at(tmp_path):
     message = next(line for line in log.read_text().splitlines() if line.startswith("SIGTERM at step"))
     assert message.split()[3].rstrip(":") == str(_step(last))
     assert _step(last) >= 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,signalled", [("ddp", "rank 0"), ("fsdp", "every rank")])
+def test_sigterm_stops_every_rank_after_the_same_step_and_saves_it(strategy, signalled, tmp_path):
+    """`kill` on the launching rank, or SLURM's SIGTERM to every rank, arriving wherever a step is: Lightning's own
+    handler ran a collective inside the signal handler and the job hung or died of a collective mismatch."""
+    run = tmp_path / "run"
+    log = tmp_path / "stdout.txt"
+    args = ["--strategy", strategy, "--devices", "2", "--accelerator", "cpu", "--output-dir", str(run),
+            "--max-steps", "5000", "--val-every-n-steps", "5000", "--checkpoint-every-n-steps", "7",
+            "--log-every-n-steps", "5", *TINY, "--synthetic-train-samples", "100000"]
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path, stdout=stdout,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # its ranks: one process group
+        try:
+            deadline = time.monotonic() + 180
+            while not checkpoints_in(str(run)):  # training is under way
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            if signalled == "rank 0":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    message = next(line for line in log.read_text().splitlines() if line.startswith("SIGTERM at step"))
+    saved = torch.load(checkpoint_file(str(run / "last.ckpt")), map_location="cpu", weights_only=True)["global_step"]
+    assert message.split()[3].rstrip(":") == str(saved) and saved >= 7
 
 
 @pytest.mark.slow
